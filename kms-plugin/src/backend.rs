@@ -1,0 +1,66 @@
+//! The KEK backend seam: what the gRPC service needs from wherever KEKs live.
+//! The local keyring ([`crate::keyring::LocalKeyring`]) is the default; an HSM
+//! backend would implement the same traits.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::envelope::{EnvelopeError, MAX_PLAINTEXT_LEN};
+
+/// A source of KEK snapshots.
+pub trait KekBackend: Send + Sync + 'static {
+    /// The KEK set in service now. Status and Encrypt each take one snapshot
+    /// and use only it, so the key_id Encrypt returns is the one Status
+    /// reports for that snapshot.
+    fn current(&self) -> Arc<dyn KekSet>;
+}
+
+/// One immutable set of KEKs: a primary for writes, all for reads.
+pub trait KekSet: Send + Sync {
+    /// The primary KEK's key_id.
+    fn key_id(&self) -> &str;
+    /// Encrypts under the primary; the result decrypts with [`Self::key_id`].
+    fn encrypt(&self, plaintext: &[u8]) -> Result<Vec<u8>, EncryptError>;
+    /// Decrypts a ciphertext that Encrypt returned with `key_id`.
+    fn decrypt(&self, key_id: &str, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, DecryptError>;
+    /// How many KEKs the set holds.
+    fn kek_count(&self) -> usize;
+}
+
+/// Why Encrypt failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EncryptError {
+    /// Nothing to encrypt.
+    #[error("plaintext is empty")]
+    EmptyPlaintext,
+    /// Its ciphertext would not fit kube-apiserver's 1024-byte limit.
+    #[error("plaintext is {0} bytes; at most {MAX_PLAINTEXT_LEN} fit in a 1024-byte ciphertext")]
+    PlaintextTooLong(usize),
+    /// The cipher refused (cannot happen for valid lengths).
+    #[error("encryption failed")]
+    Cipher,
+}
+
+/// Why Decrypt refused. Never includes the ciphertext or the plaintext.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecryptError {
+    /// Not a well-formed ciphertext of this plugin.
+    #[error(transparent)]
+    Malformed(#[from] EnvelopeError),
+    /// No KEK in the keyring answers to this key_id.
+    #[error("key_id is not in this plugin's keyring (retired, or from another keyring)")]
+    UnknownKeyId,
+    /// The ciphertext names another KEK than the key_id does.
+    #[error("ciphertext was made with KEK {in_ciphertext}, but its key_id names KEK {for_key_id}")]
+    KekMismatch {
+        /// KEK number in the ciphertext header.
+        in_ciphertext: u32,
+        /// KEK number the key_id belongs to.
+        for_key_id: u32,
+    },
+    /// Tampered, or not encrypted under this key_id.
+    #[error("ciphertext failed authentication: tampered, or not produced under this key_id")]
+    Authentication,
+}

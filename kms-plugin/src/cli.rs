@@ -1,0 +1,255 @@
+//! The command line: clap definitions (raw) and their validated forms.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::endpoint::Endpoint;
+use crate::serve::ServeConfig;
+use crate::socket::SocketAccess;
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success (serve: stopped by SIGTERM/SIGINT after draining; probe: healthy)
+  1  failure (serve: cannot start or failed; probe: unhealthy or unreachable;
+     keyring: the file could not be read, edited or written)
+  2  usage error
+
+Logs go to stderr; set ATREST_LOG (e.g. info, debug, kms_plugin=debug) to filter.
+Keys are never taken from the command line: they are generated into the keyring file.";
+
+/// atrest kms-plugin: a Kubernetes KMS v2 plugin with a local, rotating keyring.
+#[derive(Debug, Parser)]
+#[command(name = "kms-plugin", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, rotate and inspect the keyring file of KEKs.
+    #[command(subcommand)]
+    Keyring(KeyringCommand),
+    /// Serve the KMS v2 gRPC API on a unix socket.
+    Serve(ServeArgs),
+    /// Call Status on a running plugin; exit 0 only when it is healthy (for pod probes).
+    Probe(ProbeArgs),
+}
+
+/// `--keyring PATH`.
+#[derive(Debug, Args)]
+pub struct KeyringPath {
+    /// The keyring file.
+    #[arg(long, value_name = "PATH")]
+    pub keyring: PathBuf,
+}
+
+/// `keyring` subcommands. Every edit is atomic, keeps `<PATH>.prev`, and
+/// bumps the generation so running plugins pick it up (and refuse rollbacks).
+#[derive(Debug, Subcommand)]
+pub enum KeyringCommand {
+    /// Create a keyring with one primary KEK; refuses to overwrite. Prints its key_id.
+    Init(KeyringPath),
+    /// Add a new KEK and make it primary; old KEKs stay for decrypt. Prints the new key_id.
+    Rotate(KeyringPath),
+    /// Add a new decrypt-only KEK (promote it later, once every host has it). Prints its number.
+    Add(KeyringPath),
+    /// Make KEK N primary; it gets a key_id never used before. Prints that key_id.
+    Promote {
+        #[command(flatten)]
+        path: KeyringPath,
+        /// The KEK number (see `keyring list`).
+        #[arg(long, value_name = "N")]
+        kek: u32,
+    },
+    /// Remove decrypt-only KEK N. Anything still encrypted with it is lost: audit first.
+    Retire {
+        #[command(flatten)]
+        path: KeyringPath,
+        /// The KEK number (see `keyring list`).
+        #[arg(long, value_name = "N")]
+        kek: u32,
+    },
+    /// Show KEK numbers, states, creation times and key_ids (never key bytes).
+    List {
+        #[command(flatten)]
+        path: KeyringPath,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+        output: ListFormat,
+    },
+}
+
+/// `keyring list --output`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ListFormat {
+    /// A table for people.
+    Text,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `serve` flags, as typed.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Socket to listen on: /path, unix:///path or unix:///@abstract-name.
+    #[arg(long, value_name = "ENDPOINT", default_value = "unix:///var/run/kmsplugin/socket.sock")]
+    pub listen: String,
+    /// The keyring file (see `kms-plugin keyring init`).
+    #[arg(long, value_name = "PATH", default_value = "/etc/atrest/keyring.json")]
+    pub keyring: PathBuf,
+    /// Serve /metrics, /healthz and /readyz on this loopback address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Permission bits of the socket file, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    pub socket_mode: String,
+    /// Group owning the socket file (name or id).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub grace_period: String,
+    /// How often to poll the keyring file for changes (it is also watched).
+    #[arg(long, value_name = "DURATION", default_value = "2s")]
+    pub reload_interval: String,
+    /// How often to run the encrypt/decrypt self-test that feeds healthz.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub self_test_interval: String,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+/// `probe` flags.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Socket of the plugin: /path, unix:///path or unix:///@abstract-name.
+    #[arg(long, value_name = "ENDPOINT", default_value = "unix:///var/run/kmsplugin/socket.sock")]
+    pub listen: String,
+    /// How long to wait for the answer.
+    #[arg(long, value_name = "DURATION", default_value = "3s")]
+    pub timeout: String,
+}
+
+/// A flag value that does not make sense; names the flag.
+#[derive(Debug, Error)]
+#[error("invalid value for {flag}: {reason}")]
+pub struct FlagError {
+    /// The flag.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn flag(flag: &'static str) -> impl Fn(String) -> FlagError {
+    move |reason| FlagError { flag, reason }
+}
+
+/// Parses a positive duration like `10s`, `500ms`, `1m`.
+pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, FlagError> {
+    let d = humantime::parse_duration(text).map_err(|e| flag(name)(format!("{text:?}: {e}")))?;
+    if d.is_zero() {
+        return Err(flag(name)("must be greater than zero".into()));
+    }
+    Ok(d)
+}
+
+/// Parses an endpoint flag.
+pub fn parse_endpoint(name: &'static str, text: &str) -> Result<Endpoint, FlagError> {
+    text.parse().map_err(|e: crate::endpoint::EndpointError| flag(name)(e.to_string()))
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = FlagError;
+
+    fn try_from(args: ServeArgs) -> Result<Self, FlagError> {
+        let endpoint = parse_endpoint("--listen", &args.listen)?;
+        let mode = u32::from_str_radix(args.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| flag("--socket-mode")(format!("{:?} is not an octal mode like 0600", args.socket_mode)))?;
+        if matches!(endpoint, Endpoint::Abstract(_)) && (args.socket_group.is_some() || mode != 0o600) {
+            return Err(flag("--socket-mode/--socket-group")(
+                "abstract sockets have no file, so no mode or group".into(),
+            ));
+        }
+        let metrics_addr = match args.metrics_addr {
+            None => None,
+            Some(text) => {
+                let addr: SocketAddr =
+                    text.parse().map_err(|_| flag("--metrics-addr")(format!("{text:?} is not IP:PORT")))?;
+                if !addr.ip().is_loopback() {
+                    return Err(flag("--metrics-addr")(format!(
+                        "{addr} is not a loopback address; metrics are served on loopback only"
+                    )));
+                }
+                Some(addr)
+            }
+        };
+        Ok(ServeConfig {
+            endpoint,
+            keyring: args.keyring,
+            metrics_addr,
+            socket: SocketAccess { mode, group: args.socket_group },
+            grace_period: parse_duration("--grace-period", &args.grace_period)?,
+            reload_interval: parse_duration("--reload-interval", &args.reload_interval)?,
+            self_test_interval: parse_duration("--self-test-interval", &args.self_test_interval)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<ServeConfig, String> {
+        let mut argv = vec!["kms-plugin", "serve", "--keyring", "/k.json"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Serve(a) => ServeConfig::try_from(a).map_err(|e| e.to_string()),
+            _ => Err("not serve".into()),
+        }
+    }
+
+    #[test]
+    fn defaults_are_sensible() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Path("/var/run/kmsplugin/socket.sock".into()));
+        assert_eq!(c.socket.mode, 0o600);
+        assert_eq!(c.grace_period, Duration::from_secs(10));
+        assert!(c.metrics_addr.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (extra, flag) in [
+            (&["--listen", "tcp://x:1"][..], "--listen"),
+            (&["--socket-mode", "0999"][..], "--socket-mode"),
+            (&["--metrics-addr", "0.0.0.0:9464"][..], "--metrics-addr"),
+            (&["--metrics-addr", "nope"][..], "--metrics-addr"),
+            (&["--grace-period", "0s"][..], "--grace-period"),
+            (&["--reload-interval", "soon"][..], "--reload-interval"),
+            (&["--listen", "unix:///@x", "--socket-group", "0"][..], "--socket-group"),
+        ] {
+            let err = args(extra).unwrap_err();
+            assert!(err.contains(flag), "{err} should name {flag}");
+        }
+        assert_eq!(args(&["--socket-mode", "0660"]).unwrap().socket.mode, 0o660);
+    }
+}

@@ -1,0 +1,88 @@
+//! Dialing a KMS v2 plugin over its unix socket, as kube-apiserver does, and
+//! the `probe` check built on it.
+
+use std::time::Duration;
+
+use atrest_proto::kms::v2::StatusRequest;
+use atrest_proto::kms::v2::key_management_service_client::KeyManagementServiceClient;
+use hyper_util::rt::TokioIo;
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint as TonicEndpoint, Uri};
+
+use crate::endpoint::Endpoint;
+use crate::health::HEALTHY;
+
+/// A gRPC channel (one HTTP/2 connection, shared by clones) to `endpoint`.
+pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    let target = endpoint.clone();
+    TonicEndpoint::from_static("http://localhost")
+        .connect_timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let target = target.clone();
+            async move {
+                let stream = crate::socket::connect(&target)?;
+                stream.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::from_std(stream)?))
+            }
+        }))
+        .await
+}
+
+/// Why `probe` found the plugin not healthy.
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    /// Could not connect.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// Where.
+        endpoint: Endpoint,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// Status failed or timed out.
+    #[error("Status call to {endpoint} failed: {message}")]
+    Call {
+        /// Where.
+        endpoint: Endpoint,
+        /// The gRPC status message.
+        message: String,
+    },
+    /// Status answered, but not healthy.
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
+}
+
+/// What a healthy plugin reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    /// Status.version.
+    pub version: String,
+    /// Status.key_id.
+    pub key_id: String,
+}
+
+/// Calls Status and applies kube-apiserver's health rules.
+pub async fn probe(endpoint: &Endpoint, timeout: Duration) -> Result<ProbeReport, ProbeError> {
+    let channel = connect(endpoint, timeout)
+        .await
+        .map_err(|source| ProbeError::Connect { endpoint: endpoint.clone(), source })?;
+    let mut client = KeyManagementServiceClient::new(channel);
+    let call = tokio::time::timeout(timeout, client.status(StatusRequest {}));
+    let status = match call.await {
+        Err(_) => {
+            return Err(ProbeError::Call { endpoint: endpoint.clone(), message: format!("no answer within {timeout:?}") });
+        }
+        Ok(Err(s)) => return Err(ProbeError::Call { endpoint: endpoint.clone(), message: s.message().to_owned() }),
+        Ok(Ok(r)) => r.into_inner(),
+    };
+    if status.healthz != HEALTHY {
+        return Err(ProbeError::Unhealthy(format!("healthz {:?}", status.healthz)));
+    }
+    if status.version != "v2" && status.version != "v2beta1" {
+        return Err(ProbeError::Unhealthy(format!("version {:?} is not v2", status.version)));
+    }
+    if status.key_id.is_empty() || status.key_id.len() > 1024 {
+        return Err(ProbeError::Unhealthy(format!("key_id is {} bytes (want 1..=1024)", status.key_id.len())));
+    }
+    Ok(ProbeReport { version: status.version, key_id: status.key_id })
+}

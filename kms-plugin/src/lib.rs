@@ -1,0 +1,23 @@
+//! atrest kms-plugin: a Kubernetes KMS v2 plugin.
+//!
+//! kube-apiserver calls it over gRPC on a unix socket to encrypt and decrypt
+//! 32-byte DEK seeds under a KEK from the local keyring file. Start reading at
+//! [`serve::serve`] (the daemon), [`service`] (the three RPCs), [`keyring`]
+//! (KEKs, key_ids, reload snapshots) and [`envelope`] (the ciphertext format).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod endpoint;
+pub mod envelope;
+pub mod health;
+pub mod http;
+pub mod keyring;
+pub mod logging;
+pub mod metrics;
+pub mod reload;
+pub mod run;
+pub mod serve;
+pub mod service;
+pub mod socket;

@@ -1,0 +1,80 @@
+//! Runs a parsed command line and maps the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint};
+use crate::keyring::admin;
+use crate::serve::{ServeConfig, serve, shutdown_signal};
+
+/// Exit code for a usage error (bad flag value).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a runtime failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("kms-plugin: {message}");
+    ExitCode::from(code)
+}
+
+/// Runs `cli` to completion.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Keyring(cmd) => keyring(cmd),
+        Command::Serve(args) => {
+            let format = args.log_format;
+            let config = match ServeConfig::try_from(args) {
+                Ok(c) => c,
+                Err(e) => return fail(e, EXIT_USAGE),
+            };
+            crate::logging::init(format);
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), "kms-plugin starting");
+            match runtime().map(|rt| rt.block_on(serve(config, shutdown_signal()))) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "kms-plugin failed");
+                    fail(e, EXIT_FAILURE)
+                }
+                Err(e) => fail(format!("cannot start the async runtime: {e}"), EXIT_FAILURE),
+            }
+        }
+        Command::Probe(args) => {
+            let (endpoint, timeout) =
+                match (parse_endpoint("--listen", &args.listen), parse_duration("--timeout", &args.timeout)) {
+                    (Ok(e), Ok(t)) => (e, t),
+                    (Err(e), _) | (_, Err(e)) => return fail(e, EXIT_USAGE),
+                };
+            crate::logging::init(LogFormat::Plain);
+            let result = runtime().map(|rt| rt.block_on(crate::client::probe(&endpoint, timeout)));
+            match result {
+                Ok(Ok(report)) => {
+                    println!("healthy: version {} key_id {}", report.version, report.key_id);
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => fail(e, EXIT_FAILURE),
+                Err(e) => fail(format!("cannot start the async runtime: {e}"), EXIT_FAILURE),
+            }
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn keyring(cmd: KeyringCommand) -> ExitCode {
+    let result = match cmd {
+        KeyringCommand::Init(p) => admin::init(&p.keyring).map(|id| println!("{id}")),
+        KeyringCommand::Rotate(p) => admin::rotate(&p.keyring).map(|id| println!("{id}")),
+        KeyringCommand::Add(p) => admin::add(&p.keyring).map(|n| println!("{n}")),
+        KeyringCommand::Promote { path, kek } => admin::promote(&path.keyring, kek).map(|id| println!("{id}")),
+        KeyringCommand::Retire { path, kek } => admin::retire(&path.keyring, kek),
+        KeyringCommand::List { path, output } => admin::list(&path.keyring).map(|listing| match output {
+            ListFormat::Text => print!("{}", listing.to_text()),
+            ListFormat::Json => println!("{}", serde_json::to_string_pretty(&listing).unwrap_or_default()),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e, EXIT_FAILURE),
+    }
+}

@@ -1,0 +1,131 @@
+//! The KMS v2 gRPC service: Status, Encrypt and Decrypt over a [`KekBackend`].
+//!
+//! Errors from what the caller sent become gRPC statuses with a message that
+//! names the problem and never the bytes. Nothing here panics on input.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use atrest_proto::kms::v2::key_management_service_server::KeyManagementService;
+use atrest_proto::kms::v2::{
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::backend::{DecryptError, EncryptError, KekBackend};
+use crate::health::Health;
+use crate::metrics::{Method, Metrics, Outcome};
+
+/// The version Status reports; kube-apiserver requires it never to change.
+pub const VERSION: &str = "v2";
+
+/// The gRPC service.
+#[derive(Debug)]
+pub struct KmsService<B> {
+    backend: Arc<B>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl<B> KmsService<B> {
+    /// A service answering from `backend`, reporting `health`, recording into `metrics`.
+    pub fn new(backend: Arc<B>, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
+        KmsService { backend, health, metrics }
+    }
+}
+
+fn encrypt_status(e: &EncryptError) -> (Outcome, Status) {
+    match e {
+        EncryptError::EmptyPlaintext | EncryptError::PlaintextTooLong(_) => {
+            (Outcome::InvalidArgument, Status::invalid_argument(e.to_string()))
+        }
+        EncryptError::Cipher => (Outcome::Internal, Status::internal(e.to_string())),
+    }
+}
+
+fn decrypt_status(e: &DecryptError, key_id: &str) -> (Outcome, Status) {
+    match e {
+        DecryptError::UnknownKeyId => (
+            Outcome::UnknownKeyId,
+            Status::failed_precondition(format!("key_id {key_id:?}: {e}")),
+        ),
+        _ => (Outcome::InvalidArgument, Status::invalid_argument(format!("key_id {key_id:?}: {e}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl<B: KekBackend> KeyManagementService for KmsService<B> {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let started = Instant::now();
+        let set = self.backend.current();
+        let response = StatusResponse {
+            version: VERSION.to_owned(),
+            healthz: self.health.healthz().as_str().to_owned(),
+            key_id: set.key_id().to_owned(),
+        };
+        self.metrics.observe_call(Method::Status, Outcome::Ok, started.elapsed());
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(uid = %request.get_ref().uid, key_id))]
+    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        let started = Instant::now();
+        let set = self.backend.current();
+        let result = set.encrypt(&request.get_ref().plaintext);
+        match result {
+            Ok(ciphertext) => {
+                let key_id = set.key_id().to_owned();
+                tracing::Span::current().record("key_id", key_id.as_str());
+                tracing::debug!(ciphertext_len = ciphertext.len(), "encrypted");
+                self.metrics.observe_call(Method::Encrypt, Outcome::Ok, started.elapsed());
+                Ok(Response::new(EncryptResponse { ciphertext, key_id, annotations: Default::default() }))
+            }
+            Err(e) => {
+                let (outcome, status) = encrypt_status(&e);
+                tracing::debug!(error = %e, "encrypt refused");
+                self.metrics.observe_call(Method::Encrypt, outcome, started.elapsed());
+                Err(status)
+            }
+        }
+    }
+
+    #[tracing::instrument(
+        level = "debug",
+        skip_all,
+        fields(uid = %request.get_ref().uid, key_id = %request.get_ref().key_id)
+    )]
+    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+        let started = Instant::now();
+        let req = request.get_ref();
+        // This plugin writes no annotations, so a request carrying some was not
+        // produced by us (or was altered in etcd).
+        let result = if !req.annotations.is_empty() {
+            Err((
+                Outcome::InvalidArgument,
+                Status::invalid_argument(format!(
+                    "key_id {:?}: request carries {} annotation(s) but this plugin writes none",
+                    req.key_id,
+                    req.annotations.len()
+                )),
+            ))
+        } else {
+            self.backend
+                .current()
+                .decrypt(&req.key_id, &req.ciphertext)
+                .map_err(|e| decrypt_status(&e, &req.key_id))
+        };
+        match result {
+            Ok(plaintext) => {
+                tracing::debug!("decrypted");
+                self.metrics.observe_call(Method::Decrypt, Outcome::Ok, started.elapsed());
+                // The response owns a plain Vec; the zeroizing copy is wiped here.
+                Ok(Response::new(DecryptResponse { plaintext: plaintext.to_vec() }))
+            }
+            Err((outcome, status)) => {
+                tracing::debug!(reason = status.message(), "decrypt refused");
+                self.metrics.observe_call(Method::Decrypt, outcome, started.elapsed());
+                Err(status)
+            }
+        }
+    }
+}
