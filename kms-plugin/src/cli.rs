@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::endpoint::Endpoint;
+use kms_client::Endpoint;
 use crate::serve::ServeConfig;
 use crate::socket::SocketAccess;
 
@@ -172,7 +172,7 @@ pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, FlagEr
 
 /// Parses an endpoint flag.
 pub fn parse_endpoint(name: &'static str, text: &str) -> Result<Endpoint, FlagError> {
-    text.parse().map_err(|e: crate::endpoint::EndpointError| flag(name)(e.to_string()))
+    text.parse().map_err(|e: kms_client::EndpointError| flag(name)(e.to_string()))
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {

@@ -6,10 +6,11 @@
 //! (KEKs, key_ids, reload snapshots) and [`envelope`] (the ciphertext format).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub use kms_client::{Endpoint, EndpointError};
+
 pub mod backend;
 pub mod cli;
-pub mod client;
-pub mod endpoint;
+pub mod probe;
 pub mod envelope;
 pub mod health;
 pub mod http;

@@ -44,7 +44,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     (Err(e), _) | (_, Err(e)) => return fail(e, EXIT_USAGE),
                 };
             crate::logging::init(LogFormat::Plain);
-            let result = runtime().map(|rt| rt.block_on(crate::client::probe(&endpoint, timeout)));
+            let result = runtime().map(|rt| rt.block_on(crate::probe::probe(&endpoint, timeout)));
             match result {
                 Ok(Ok(report)) => {
                     println!("healthy: version {} key_id {}", report.version, report.key_id);

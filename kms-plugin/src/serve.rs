@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::KekSet;
-use crate::endpoint::Endpoint;
+use kms_client::Endpoint;
 use crate::health::Health;
 use crate::keyring::file::KeyringFileError;
 use crate::keyring::{Keyring, LocalKeyring};

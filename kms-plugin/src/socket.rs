@@ -1,4 +1,4 @@
-//! Binding the listening socket safely, and dialing one (for `probe`).
+//! Binding the listening socket safely.
 //!
 //! A socket file is replaced only when it is a socket nobody answers on; a
 //! live server or any other kind of file makes us refuse. The mode is set
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Group};
 use thiserror::Error;
 
-use crate::endpoint::Endpoint;
+use kms_client::Endpoint;
 
 /// Why the socket could not be set up.
 #[derive(Debug, Error)]
@@ -170,15 +170,6 @@ fn resolve_group(group: &str) -> Result<Gid, SocketError> {
     }
 }
 
-/// Connects a blocking-mode std stream to `endpoint` (for tokio, set
-/// non-blocking after).
-pub fn connect(endpoint: &Endpoint) -> io::Result<UnixStream> {
-    match endpoint {
-        Endpoint::Path(p) => UnixStream::connect(p),
-        Endpoint::Abstract(name) => UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes())?),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +221,6 @@ mod tests {
         let ep = Endpoint::Abstract(format!("atrest-test-{}", std::process::id()));
         let _first = bind(&ep, &SocketAccess::default()).unwrap();
         assert!(matches!(bind(&ep, &SocketAccess::default()), Err(SocketError::AlreadyServing(_))));
-        assert!(connect(&ep).is_ok());
+        assert!(kms_client::connect_std(&ep).is_ok());
     }
 }

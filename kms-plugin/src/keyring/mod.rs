@@ -305,6 +305,22 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever arrives from the network, Decrypt answers with an error
+        /// (or, for a genuine ciphertext, the plaintext), never a panic.
+        #[test]
+        fn decrypt_of_arbitrary_input_never_panics(
+            key_id in ".{0,80}",
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1100),
+        ) {
+            let k = keyring(&KeyringFile::new_with_primary());
+            proptest::prop_assert!(k.decrypt(&key_id, &bytes).is_err());
+            let mut ours = Envelope::header_for(1).to_vec();
+            ours.extend_from_slice(&bytes);
+            proptest::prop_assert!(k.decrypt(k.key_id(), &ours).is_err());
+        }
+    }
+
     #[test]
     fn debug_shows_no_key_bytes() {
         let f = KeyringFile::new_with_primary();

@@ -1,32 +1,11 @@
-//! Dialing a KMS v2 plugin over its unix socket, as kube-apiserver does, and
-//! the `probe` check built on it.
+//! `kms-plugin probe`: Status over the socket, judged by kube-apiserver's health rules.
 
 use std::time::Duration;
 
 use atrest_proto::kms::v2::StatusRequest;
-use atrest_proto::kms::v2::key_management_service_client::KeyManagementServiceClient;
-use hyper_util::rt::TokioIo;
+use kms_client::Endpoint;
 use thiserror::Error;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint, Uri};
-
-use crate::endpoint::Endpoint;
 use crate::health::HEALTHY;
-
-/// A gRPC channel (one HTTP/2 connection, shared by clones) to `endpoint`.
-pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    let target = endpoint.clone();
-    TonicEndpoint::from_static("http://localhost")
-        .connect_timeout(timeout)
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let target = target.clone();
-            async move {
-                let stream = crate::socket::connect(&target)?;
-                stream.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::from_std(stream)?))
-            }
-        }))
-        .await
-}
 
 /// Why `probe` found the plugin not healthy.
 #[derive(Debug, Error)]
@@ -63,10 +42,9 @@ pub struct ProbeReport {
 
 /// Calls Status and applies kube-apiserver's health rules.
 pub async fn probe(endpoint: &Endpoint, timeout: Duration) -> Result<ProbeReport, ProbeError> {
-    let channel = connect(endpoint, timeout)
+    let mut client = kms_client::connect_client(endpoint, timeout)
         .await
         .map_err(|source| ProbeError::Connect { endpoint: endpoint.clone(), source })?;
-    let mut client = KeyManagementServiceClient::new(channel);
     let call = tokio::time::timeout(timeout, client.status(StatusRequest {}));
     let status = match call.await {
         Err(_) => {
