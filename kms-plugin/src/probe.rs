@@ -11,12 +11,12 @@ use crate::health::HEALTHY;
 #[derive(Debug, Error)]
 pub enum ProbeError {
     /// Could not connect.
-    #[error("cannot connect to {endpoint}: {source}")]
+    #[error("cannot connect to {endpoint}: {reason}")]
     Connect {
         /// Where.
         endpoint: Endpoint,
-        /// Why.
-        source: tonic::transport::Error,
+        /// Why, with the underlying OS error (tonic's own message hides it).
+        reason: String,
     },
     /// Status failed or timed out.
     #[error("Status call to {endpoint} failed: {message}")]
@@ -29,6 +29,21 @@ pub enum ProbeError {
     /// Status answered, but not healthy.
     #[error("unhealthy: {0}")]
     Unhealthy(String),
+}
+
+/// An error and its sources, joined: "transport error: No such file or directory (os error 2)".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = e.source();
+    }
+    text
 }
 
 /// What a healthy plugin reported.
@@ -44,7 +59,7 @@ pub struct ProbeReport {
 pub async fn probe(endpoint: &Endpoint, timeout: Duration) -> Result<ProbeReport, ProbeError> {
     let mut client = kms_client::connect_client(endpoint, timeout)
         .await
-        .map_err(|source| ProbeError::Connect { endpoint: endpoint.clone(), source })?;
+        .map_err(|e| ProbeError::Connect { endpoint: endpoint.clone(), reason: error_chain(&e) })?;
     let call = tokio::time::timeout(timeout, client.status(StatusRequest {}));
     let status = match call.await {
         Err(_) => {

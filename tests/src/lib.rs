@@ -1,0 +1,6 @@
+//! Test kit for atrest's workspace-level end-to-end tests: finds the real
+//! binaries, starts real processes (the kms-plugin, an etcd server) on
+//! loopback / unix sockets in temporary directories, and stops them after.
+//! Nothing here is a mock of an atrest component.
+
+pub mod plugin;
