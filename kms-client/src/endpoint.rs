@@ -23,11 +23,16 @@ pub enum EndpointError {
     #[error("endpoint is empty")]
     Empty,
     /// A URL with another scheme than unix.
-    #[error("endpoint {0:?}: only unix sockets are supported (unix:///path, unix:///@name or /path)")]
+    #[error(
+        "endpoint {0:?}: only unix sockets are supported (unix:///path, unix:///@name or /path)"
+    )]
     Scheme(String),
     /// A relative path, or unix:// without an absolute path.
     #[error("endpoint {0:?}: the socket path must be absolute")]
     Relative(String),
+    /// A directory-like path such as `/` or `/run/`.
+    #[error("endpoint {0:?}: the socket path must name a file, not a directory")]
+    NoFileName(String),
     /// Longer than a unix socket address can hold.
     #[error("endpoint {0:?}: a unix socket path is at most 107 bytes")]
     TooLong(String),
@@ -62,6 +67,9 @@ impl FromStr for Endpoint {
         if path.len() > 107 {
             return Err(EndpointError::TooLong(s.to_owned()));
         }
+        if path.ends_with('/') {
+            return Err(EndpointError::NoFileName(s.to_owned()));
+        }
         Ok(Endpoint::Path(PathBuf::from(path)))
     }
 }
@@ -81,9 +89,18 @@ mod tests {
 
     #[test]
     fn accepts_the_three_forms() {
-        assert_eq!("/run/kms.sock".parse(), Ok(Endpoint::Path("/run/kms.sock".into())));
-        assert_eq!("unix:///run/kms.sock".parse(), Ok(Endpoint::Path("/run/kms.sock".into())));
-        assert_eq!("unix:///@kms-plugin".parse(), Ok(Endpoint::Abstract("kms-plugin".into())));
+        assert_eq!(
+            "/run/kms.sock".parse(),
+            Ok(Endpoint::Path("/run/kms.sock".into()))
+        );
+        assert_eq!(
+            "unix:///run/kms.sock".parse(),
+            Ok(Endpoint::Path("/run/kms.sock".into()))
+        );
+        assert_eq!(
+            "unix:///@kms-plugin".parse(),
+            Ok(Endpoint::Abstract("kms-plugin".into()))
+        );
         assert_eq!(Endpoint::Abstract("x".into()).to_string(), "unix:///@x");
         assert_eq!(Endpoint::Path("/a/b".into()).to_string(), "unix:///a/b");
     }
@@ -92,10 +109,30 @@ mod tests {
     fn refuses_the_rest_with_a_reason() {
         assert_eq!("".parse::<Endpoint>(), Err(EndpointError::Empty));
         assert_eq!("unix:///@".parse::<Endpoint>(), Err(EndpointError::Empty));
-        assert!(matches!("tcp://1.2.3.4:5".parse::<Endpoint>(), Err(EndpointError::Scheme(_))));
-        assert!(matches!("run/kms.sock".parse::<Endpoint>(), Err(EndpointError::Relative(_))));
-        assert!(matches!("unix://run/kms.sock".parse::<Endpoint>(), Err(EndpointError::Relative(_))));
+        assert!(matches!(
+            "tcp://1.2.3.4:5".parse::<Endpoint>(),
+            Err(EndpointError::Scheme(_))
+        ));
+        assert!(matches!(
+            "run/kms.sock".parse::<Endpoint>(),
+            Err(EndpointError::Relative(_))
+        ));
+        assert!(matches!(
+            "unix://run/kms.sock".parse::<Endpoint>(),
+            Err(EndpointError::Relative(_))
+        ));
+        assert!(matches!(
+            "unix:///".parse::<Endpoint>(),
+            Err(EndpointError::NoFileName(_))
+        ));
+        assert!(matches!(
+            "/run/".parse::<Endpoint>(),
+            Err(EndpointError::NoFileName(_))
+        ));
         let long = format!("/{}", "a".repeat(200));
-        assert!(matches!(long.parse::<Endpoint>(), Err(EndpointError::TooLong(_))));
+        assert!(matches!(
+            long.parse::<Endpoint>(),
+            Err(EndpointError::TooLong(_))
+        ));
     }
 }

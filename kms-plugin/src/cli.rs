@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use kms_client::Endpoint;
 use crate::serve::ServeConfig;
 use crate::socket::SocketAccess;
+use kms_client::Endpoint;
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -108,7 +108,11 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Socket to listen on: /path, unix:///path or unix:///@abstract-name.
-    #[arg(long, value_name = "ENDPOINT", default_value = "unix:///var/run/kmsplugin/socket.sock")]
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        default_value = "unix:///var/run/kmsplugin/socket.sock"
+    )]
     pub listen: String,
     /// The keyring file (see `kms-plugin keyring init`).
     #[arg(long, value_name = "PATH", default_value = "/etc/atrest/keyring.json")]
@@ -134,13 +138,20 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+    /// Threads answering gRPC calls (0: one per CPU core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 /// `probe` flags.
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
     /// Socket of the plugin: /path, unix:///path or unix:///@abstract-name.
-    #[arg(long, value_name = "ENDPOINT", default_value = "unix:///var/run/kmsplugin/socket.sock")]
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        default_value = "unix:///var/run/kmsplugin/socket.sock"
+    )]
     pub listen: String,
     /// How long to wait for the answer.
     #[arg(long, value_name = "DURATION", default_value = "3s")]
@@ -172,7 +183,8 @@ pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, FlagEr
 
 /// Parses an endpoint flag.
 pub fn parse_endpoint(name: &'static str, text: &str) -> Result<Endpoint, FlagError> {
-    text.parse().map_err(|e: kms_client::EndpointError| flag(name)(e.to_string()))
+    text.parse()
+        .map_err(|e: kms_client::EndpointError| flag(name)(e.to_string()))
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -183,8 +195,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let mode = u32::from_str_radix(args.socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| flag("--socket-mode")(format!("{:?} is not an octal mode like 0600", args.socket_mode)))?;
-        if matches!(endpoint, Endpoint::Abstract(_)) && (args.socket_group.is_some() || mode != 0o600) {
+            .ok_or_else(|| {
+                flag("--socket-mode")(format!(
+                    "{:?} is not an octal mode like 0600",
+                    args.socket_mode
+                ))
+            })?;
+        if matches!(endpoint, Endpoint::Abstract(_))
+            && (args.socket_group.is_some() || mode != 0o600)
+        {
             return Err(flag("--socket-mode/--socket-group")(
                 "abstract sockets have no file, so no mode or group".into(),
             ));
@@ -192,8 +211,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let metrics_addr = match args.metrics_addr {
             None => None,
             Some(text) => {
-                let addr: SocketAddr =
-                    text.parse().map_err(|_| flag("--metrics-addr")(format!("{text:?} is not IP:PORT")))?;
+                let addr: SocketAddr = text
+                    .parse()
+                    .map_err(|_| flag("--metrics-addr")(format!("{text:?} is not IP:PORT")))?;
                 if !addr.ip().is_loopback() {
                     return Err(flag("--metrics-addr")(format!(
                         "{addr} is not a loopback address; metrics are served on loopback only"
@@ -206,7 +226,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             endpoint,
             keyring: args.keyring,
             metrics_addr,
-            socket: SocketAccess { mode, group: args.socket_group },
+            socket: SocketAccess {
+                mode,
+                group: args.socket_group,
+            },
             grace_period: parse_duration("--grace-period", &args.grace_period)?,
             reload_interval: parse_duration("--reload-interval", &args.reload_interval)?,
             self_test_interval: parse_duration("--self-test-interval", &args.self_test_interval)?,
@@ -221,7 +244,10 @@ mod tests {
     fn args(extra: &[&str]) -> Result<ServeConfig, String> {
         let mut argv = vec!["kms-plugin", "serve", "--keyring", "/k.json"];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Serve(a) => ServeConfig::try_from(a).map_err(|e| e.to_string()),
             _ => Err("not serve".into()),
         }
@@ -230,7 +256,10 @@ mod tests {
     #[test]
     fn defaults_are_sensible() {
         let c = args(&[]).unwrap();
-        assert_eq!(c.endpoint, Endpoint::Path("/var/run/kmsplugin/socket.sock".into()));
+        assert_eq!(
+            c.endpoint,
+            Endpoint::Path("/var/run/kmsplugin/socket.sock".into())
+        );
         assert_eq!(c.socket.mode, 0o600);
         assert_eq!(c.grace_period, Duration::from_secs(10));
         assert!(c.metrics_addr.is_none());
@@ -245,7 +274,10 @@ mod tests {
             (&["--metrics-addr", "nope"][..], "--metrics-addr"),
             (&["--grace-period", "0s"][..], "--grace-period"),
             (&["--reload-interval", "soon"][..], "--reload-interval"),
-            (&["--listen", "unix:///@x", "--socket-group", "0"][..], "--socket-group"),
+            (
+                &["--listen", "unix:///@x", "--socket-group", "0"][..],
+                "--socket-group",
+            ),
         ] {
             let err = args(extra).unwrap_err();
             assert!(err.contains(flag), "{err} should name {flag}");

@@ -87,13 +87,20 @@ impl<'a> Envelope<'a> {
         let (header, rest) = bytes.split_at(HEADER_LEN);
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let kek = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        Ok(Envelope { kek, header, nonce, sealed })
+        Ok(Envelope {
+            kek,
+            header,
+            nonce,
+            sealed,
+        })
     }
 
     /// The header a writer puts in front of a ciphertext made with `kek`.
     pub fn header_for(kek: u32) -> [u8; HEADER_LEN] {
         let n = kek.to_be_bytes();
-        [MAGIC[0], MAGIC[1], MAGIC[2], VERSION, n[0], n[1], n[2], n[3]]
+        [
+            MAGIC[0], MAGIC[1], MAGIC[2], VERSION, n[0], n[1], n[2], n[3],
+        ]
     }
 }
 
@@ -130,7 +137,10 @@ mod tests {
         assert_eq!(Envelope::parse(&[]), Err(EnvelopeError::Empty));
         assert_eq!(Envelope::parse(b"k8s:enc:"), Err(EnvelopeError::Foreign));
         assert_eq!(Envelope::parse(b"AT"), Err(EnvelopeError::Truncated(2)));
-        assert_eq!(Envelope::parse(b"ATR\x02rest"), Err(EnvelopeError::UnsupportedVersion(2)));
+        assert_eq!(
+            Envelope::parse(b"ATR\x02rest"),
+            Err(EnvelopeError::UnsupportedVersion(2))
+        );
         for len in 1..=OVERHEAD {
             let bytes = sample(len);
             assert!(Envelope::parse(&bytes).is_err(), "length {len} accepted");

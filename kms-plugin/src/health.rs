@@ -22,7 +22,9 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Health { healthz: ArcSwap::from_pointee("self-test has not run yet".to_owned()) }
+        Health {
+            healthz: ArcSwap::from_pointee("self-test has not run yet".to_owned()),
+        }
     }
 }
 
@@ -58,7 +60,10 @@ impl Health {
 pub fn self_test(set: &dyn KekSet) -> Result<(), String> {
     let key_id = set.key_id();
     if key_id.is_empty() || key_id.len() > 1024 {
-        return Err(format!("keyring has no usable primary key_id ({} bytes)", key_id.len()));
+        return Err(format!(
+            "keyring has no usable primary key_id ({} bytes)",
+            key_id.len()
+        ));
     }
     let mut seed = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(seed.as_mut());
@@ -69,7 +74,9 @@ pub fn self_test(set: &dyn KekSet) -> Result<(), String> {
         .decrypt(key_id, &ciphertext)
         .map_err(|e| format!("self-test decrypt with primary KEK {key_id} failed: {e}"))?;
     if back.as_slice() != seed.as_ref() {
-        return Err(format!("self-test with primary KEK {key_id} returned different plaintext"));
+        return Err(format!(
+            "self-test with primary KEK {key_id} returned different plaintext"
+        ));
     }
     Ok(())
 }

@@ -20,7 +20,10 @@ struct AppState {
 
 async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }
@@ -30,7 +33,10 @@ async fn health_page(State(state): State<AppState>) -> impl IntoResponse {
     if state.health.is_healthy() {
         (StatusCode::OK, "ok\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {healthz}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {healthz}\n"),
+        )
     }
 }
 
@@ -47,5 +53,9 @@ pub async fn serve(
         .route("/healthz", get(health_page))
         .route("/readyz", get(health_page))
         .with_state(AppState { metrics, health });
-    Ok(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await })
+    Ok(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    })
 }

@@ -10,13 +10,13 @@ pub use kms_client::{Endpoint, EndpointError};
 
 pub mod backend;
 pub mod cli;
-pub mod probe;
 pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod keyring;
 pub mod logging;
 pub mod metrics;
+pub mod probe;
 pub mod reload;
 pub mod run;
 pub mod serve;

@@ -51,7 +51,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 4] = [Outcome::Ok, Outcome::InvalidArgument, Outcome::UnknownKeyId, Outcome::Internal];
+    const ALL: [Outcome; 4] = [
+        Outcome::Ok,
+        Outcome::InvalidArgument,
+        Outcome::UnknownKeyId,
+        Outcome::Internal,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
@@ -121,7 +126,8 @@ struct ReloadLabels {
 
 fn latency_histogram() -> Histogram {
     Histogram::new([
-        0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5,
+        0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1,
+        0.5,
     ])
 }
 
@@ -153,12 +159,18 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("atrest_kms");
         let requests = Family::<CallLabels, Counter>::default();
-        let durations = Family::<CallLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let durations = Family::<CallLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         let key_id_hash = Family::<KeyIdLabels, Gauge>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let keks = Gauge::default();
         let healthy = Gauge::default();
-        registry.register("requests", "KMS v2 gRPC calls by method and outcome", requests.clone());
+        registry.register(
+            "requests",
+            "KMS v2 gRPC calls by method and outcome",
+            requests.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "Time to answer a KMS v2 gRPC call, by method and outcome",
@@ -169,15 +181,26 @@ impl Metrics {
             "SHA-256 of the key_id Status reports now (value is always 1)",
             key_id_hash.clone(),
         );
-        registry.register("keyring_reloads", "Keyring file reload attempts by result", reloads.clone());
+        registry.register(
+            "keyring_reloads",
+            "Keyring file reload attempts by result",
+            reloads.clone(),
+        );
         registry.register("keks", "KEKs in the keyring in service", keks.clone());
-        registry.register("healthy", "1 when the last self-test passed, else 0", healthy.clone());
+        registry.register(
+            "healthy",
+            "1 when the last self-test passed, else 0",
+            healthy.clone(),
+        );
 
         let mut calls = Vec::with_capacity(Method::ALL.len() * Outcome::ALL.len());
         for method in Method::ALL {
             for outcome in Outcome::ALL {
                 let labels = CallLabels { method, outcome };
-                calls.push((requests.get_or_create(&labels).clone(), durations.get_or_create(&labels).clone()));
+                calls.push((
+                    requests.get_or_create(&labels).clone(),
+                    durations.get_or_create(&labels).clone(),
+                ));
             }
         }
         for result in [
@@ -189,7 +212,14 @@ impl Metrics {
         ] {
             let _ = reloads.get_or_create(&ReloadLabels { result });
         }
-        Metrics { registry, calls, key_id_hash, reloads, keks, healthy }
+        Metrics {
+            registry,
+            calls,
+            key_id_hash,
+            reloads,
+            keks,
+            healthy,
+        }
     }
 
     /// Records one answered call.
@@ -210,7 +240,11 @@ impl Metrics {
     /// Publishes the keyring now in service.
     pub fn set_keyring(&self, key_id: &str, keks: usize) {
         self.key_id_hash.clear();
-        self.key_id_hash.get_or_create(&KeyIdLabels { key_id_hash: key_id_hash(key_id) }).set(1);
+        self.key_id_hash
+            .get_or_create(&KeyIdLabels {
+                key_id_hash: key_id_hash(key_id),
+            })
+            .set(1);
         self.keks.set(i64::try_from(keks).unwrap_or(i64::MAX));
     }
 
@@ -237,7 +271,11 @@ mod tests {
     #[test]
     fn exposition_has_every_family_with_fixed_labels() {
         let m = Metrics::new();
-        m.observe_call(Method::Decrypt, Outcome::UnknownKeyId, Duration::from_micros(30));
+        m.observe_call(
+            Method::Decrypt,
+            Outcome::UnknownKeyId,
+            Duration::from_micros(30),
+        );
         m.observe_reload(ReloadResult::RejectedRollback);
         m.set_keyring("atrest-v1-k1-e1-00", 1);
         m.set_healthy(true);
@@ -250,11 +288,17 @@ mod tests {
             "atrest_kms_keyring_reloads_total{result=\"success\"} 0",
             "atrest_kms_keks 1",
             "atrest_kms_healthy 1",
-            &format!("atrest_kms_key_id_hash_info{{key_id_hash=\"{}\"}} 1", key_id_hash("atrest-v1-k1-e1-00")),
+            &format!(
+                "atrest_kms_key_id_hash_info{{key_id_hash=\"{}\"}} 1",
+                key_id_hash("atrest-v1-k1-e1-00")
+            ),
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         m.set_keyring("other", 2);
-        assert!(!m.encode().contains(&key_id_hash("atrest-v1-k1-e1-00")), "old key_id hash kept");
+        assert!(
+            !m.encode().contains(&key_id_hash("atrest-v1-k1-e1-00")),
+            "old key_id hash kept"
+        );
     }
 }

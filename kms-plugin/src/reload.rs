@@ -32,8 +32,20 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for `path`, feeding `backend`.
-    pub fn new(path: PathBuf, backend: Arc<LocalKeyring>, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
-        Reloader { path, backend, health, metrics, last_refused: None, last_read_error: None }
+    pub fn new(
+        path: PathBuf,
+        backend: Arc<LocalKeyring>,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Reloader {
+            path,
+            backend,
+            health,
+            metrics,
+            last_refused: None,
+            last_read_error: None,
+        }
     }
 
     /// Looks at the file once; returns what happened, or `None` when nothing changed.
@@ -107,7 +119,11 @@ impl Reloader {
 
     /// Runs until `shutdown` resolves: checks on every change event in the
     /// file's directory and every `interval`.
-    pub async fn run(mut self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let _watcher = watch_dir(&self.path, tx);
         let mut tick = tokio::time::interval(interval);

@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint};
+use crate::cli::{
+    Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint,
+};
 use crate::keyring::admin;
 use crate::serve::{ServeConfig, serve, shutdown_signal};
 
@@ -22,13 +24,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Keyring(cmd) => keyring(cmd),
         Command::Serve(args) => {
             let format = args.log_format;
+            let worker_threads = args.worker_threads;
             let config = match ServeConfig::try_from(args) {
                 Ok(c) => c,
                 Err(e) => return fail(e, EXIT_USAGE),
             };
             crate::logging::init(format);
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "kms-plugin starting");
-            match runtime().map(|rt| rt.block_on(serve(config, shutdown_signal()))) {
+            match runtime_with(worker_threads).map(|rt| rt.block_on(serve(config, shutdown_signal()))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "kms-plugin failed");
@@ -38,16 +41,21 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Probe(args) => {
-            let (endpoint, timeout) =
-                match (parse_endpoint("--listen", &args.listen), parse_duration("--timeout", &args.timeout)) {
-                    (Ok(e), Ok(t)) => (e, t),
-                    (Err(e), _) | (_, Err(e)) => return fail(e, EXIT_USAGE),
-                };
+            let (endpoint, timeout) = match (
+                parse_endpoint("--listen", &args.listen),
+                parse_duration("--timeout", &args.timeout),
+            ) {
+                (Ok(e), Ok(t)) => (e, t),
+                (Err(e), _) | (_, Err(e)) => return fail(e, EXIT_USAGE),
+            };
             crate::logging::init(LogFormat::Plain);
             let result = runtime().map(|rt| rt.block_on(crate::probe::probe(&endpoint, timeout)));
             match result {
                 Ok(Ok(report)) => {
-                    println!("healthy: version {} key_id {}", report.version, report.key_id);
+                    println!(
+                        "healthy: version {} key_id {}",
+                        report.version, report.key_id
+                    );
                     ExitCode::SUCCESS
                 }
                 Ok(Err(e)) => fail(e, EXIT_FAILURE),
@@ -58,7 +66,15 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    runtime_with(0)
+}
+
+fn runtime_with(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
 }
 
 fn keyring(cmd: KeyringCommand) -> ExitCode {
@@ -66,12 +82,19 @@ fn keyring(cmd: KeyringCommand) -> ExitCode {
         KeyringCommand::Init(p) => admin::init(&p.keyring).map(|id| println!("{id}")),
         KeyringCommand::Rotate(p) => admin::rotate(&p.keyring).map(|id| println!("{id}")),
         KeyringCommand::Add(p) => admin::add(&p.keyring).map(|n| println!("{n}")),
-        KeyringCommand::Promote { path, kek } => admin::promote(&path.keyring, kek).map(|id| println!("{id}")),
+        KeyringCommand::Promote { path, kek } => {
+            admin::promote(&path.keyring, kek).map(|id| println!("{id}"))
+        }
         KeyringCommand::Retire { path, kek } => admin::retire(&path.keyring, kek),
-        KeyringCommand::List { path, output } => admin::list(&path.keyring).map(|listing| match output {
-            ListFormat::Text => print!("{}", listing.to_text()),
-            ListFormat::Json => println!("{}", serde_json::to_string_pretty(&listing).unwrap_or_default()),
-        }),
+        KeyringCommand::List { path, output } => {
+            admin::list(&path.keyring).map(|listing| match output {
+                ListFormat::Text => print!("{}", listing.to_text()),
+                ListFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&listing).unwrap_or_default()
+                ),
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,6 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::KekSet;
-use kms_client::Endpoint;
 use crate::health::Health;
 use crate::keyring::file::KeyringFileError;
 use crate::keyring::{Keyring, LocalKeyring};
@@ -20,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::service::KmsService;
 use crate::socket::{self, SocketAccess, SocketError};
+use kms_client::Endpoint;
 
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
@@ -66,7 +66,10 @@ pub enum ServeError {
 }
 
 /// Serves until `shutdown` resolves, then drains within the grace period.
-pub async fn serve(config: ServeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
     let keyring = Keyring::load(&config.keyring)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -86,11 +89,12 @@ pub async fn serve(config: ServeConfig, shutdown: impl std::future::Future<Outpu
     let std_listener = bound
         .take_listener()
         .ok_or_else(|| SocketError::AlreadyServing(config.endpoint.clone()))?;
-    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|source| SocketError::Io {
-        what: "cannot register listener",
-        endpoint: config.endpoint.to_string(),
-        source,
-    })?;
+    let listener =
+        tokio::net::UnixListener::from_std(std_listener).map_err(|source| SocketError::Io {
+            what: "cannot register listener",
+            endpoint: config.endpoint.to_string(),
+            source,
+        })?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -113,11 +117,19 @@ pub async fn serve(config: ServeConfig, shutdown: impl std::future::Future<Outpu
         }));
     }
 
-    let reloader = Reloader::new(config.keyring.clone(), backend.clone(), health.clone(), metrics.clone());
-    background.push(tokio::spawn(reloader.run(config.reload_interval, stopped())));
+    let reloader = Reloader::new(
+        config.keyring.clone(),
+        backend.clone(),
+        health.clone(),
+        metrics.clone(),
+    );
+    background.push(tokio::spawn(
+        reloader.run(config.reload_interval, stopped()),
+    ));
 
     {
-        let (backend, health, metrics, stop) = (backend.clone(), health.clone(), metrics.clone(), stopped());
+        let (backend, health, metrics, stop) =
+            (backend.clone(), health.clone(), metrics.clone(), stopped());
         let interval = config.self_test_interval;
         background.push(tokio::spawn(async move {
             tokio::pin!(stop);

@@ -30,15 +30,20 @@ pub struct KmsService<B> {
 impl<B> KmsService<B> {
     /// A service answering from `backend`, reporting `health`, recording into `metrics`.
     pub fn new(backend: Arc<B>, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
-        KmsService { backend, health, metrics }
+        KmsService {
+            backend,
+            health,
+            metrics,
+        }
     }
 }
 
 fn encrypt_status(e: &EncryptError) -> (Outcome, Status) {
     match e {
-        EncryptError::EmptyPlaintext | EncryptError::PlaintextTooLong(_) => {
-            (Outcome::InvalidArgument, Status::invalid_argument(e.to_string()))
-        }
+        EncryptError::EmptyPlaintext | EncryptError::PlaintextTooLong(_) => (
+            Outcome::InvalidArgument,
+            Status::invalid_argument(e.to_string()),
+        ),
         EncryptError::Cipher => (Outcome::Internal, Status::internal(e.to_string())),
     }
 }
@@ -49,13 +54,19 @@ fn decrypt_status(e: &DecryptError, key_id: &str) -> (Outcome, Status) {
             Outcome::UnknownKeyId,
             Status::failed_precondition(format!("key_id {key_id:?}: {e}")),
         ),
-        _ => (Outcome::InvalidArgument, Status::invalid_argument(format!("key_id {key_id:?}: {e}"))),
+        _ => (
+            Outcome::InvalidArgument,
+            Status::invalid_argument(format!("key_id {key_id:?}: {e}")),
+        ),
     }
 }
 
 #[tonic::async_trait]
 impl<B: KekBackend> KeyManagementService for KmsService<B> {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let started = Instant::now();
         let set = self.backend.current();
         let response = StatusResponse {
@@ -63,12 +74,16 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
             healthz: self.health.healthz().as_str().to_owned(),
             key_id: set.key_id().to_owned(),
         };
-        self.metrics.observe_call(Method::Status, Outcome::Ok, started.elapsed());
+        self.metrics
+            .observe_call(Method::Status, Outcome::Ok, started.elapsed());
         Ok(Response::new(response))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(uid = %request.get_ref().uid, key_id))]
-    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+    async fn encrypt(
+        &self,
+        request: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
         let started = Instant::now();
         let set = self.backend.current();
         let result = set.encrypt(&request.get_ref().plaintext);
@@ -77,13 +92,19 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
                 let key_id = set.key_id().to_owned();
                 tracing::Span::current().record("key_id", key_id.as_str());
                 tracing::debug!(ciphertext_len = ciphertext.len(), "encrypted");
-                self.metrics.observe_call(Method::Encrypt, Outcome::Ok, started.elapsed());
-                Ok(Response::new(EncryptResponse { ciphertext, key_id, annotations: Default::default() }))
+                self.metrics
+                    .observe_call(Method::Encrypt, Outcome::Ok, started.elapsed());
+                Ok(Response::new(EncryptResponse {
+                    ciphertext,
+                    key_id,
+                    annotations: Default::default(),
+                }))
             }
             Err(e) => {
                 let (outcome, status) = encrypt_status(&e);
                 tracing::debug!(error = %e, "encrypt refused");
-                self.metrics.observe_call(Method::Encrypt, outcome, started.elapsed());
+                self.metrics
+                    .observe_call(Method::Encrypt, outcome, started.elapsed());
                 Err(status)
             }
         }
@@ -94,7 +115,10 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
         skip_all,
         fields(uid = %request.get_ref().uid, key_id = %request.get_ref().key_id)
     )]
-    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+    async fn decrypt(
+        &self,
+        request: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
         let started = Instant::now();
         let req = request.get_ref();
         // This plugin writes no annotations, so a request carrying some was not
@@ -117,13 +141,17 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
         match result {
             Ok(plaintext) => {
                 tracing::debug!("decrypted");
-                self.metrics.observe_call(Method::Decrypt, Outcome::Ok, started.elapsed());
+                self.metrics
+                    .observe_call(Method::Decrypt, Outcome::Ok, started.elapsed());
                 // The response owns a plain Vec; the zeroizing copy is wiped here.
-                Ok(Response::new(DecryptResponse { plaintext: plaintext.to_vec() }))
+                Ok(Response::new(DecryptResponse {
+                    plaintext: plaintext.to_vec(),
+                }))
             }
             Err((outcome, status)) => {
                 tracing::debug!(reason = status.message(), "decrypt refused");
-                self.metrics.observe_call(Method::Decrypt, outcome, started.elapsed());
+                self.metrics
+                    .observe_call(Method::Decrypt, outcome, started.elapsed());
                 Err(status)
             }
         }

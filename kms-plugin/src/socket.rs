@@ -23,7 +23,9 @@ pub enum SocketError {
     #[error("refusing to start: a server is already serving on {0}")]
     AlreadyServing(Endpoint),
     /// The path exists and is not a socket: we never delete such a file.
-    #[error("refusing to start: {0} exists and is not a socket; it was left untouched (remove it or pick another path)")]
+    #[error(
+        "refusing to start: {0} exists and is not a socket; it was left untouched (remove it or pick another path)"
+    )]
     NotASocket(PathBuf),
     /// The socket's directory is missing.
     #[error("cannot listen on {path}: directory {dir} does not exist")]
@@ -59,7 +61,10 @@ pub struct SocketAccess {
 
 impl Default for SocketAccess {
     fn default() -> Self {
-        SocketAccess { mode: 0o600, group: None }
+        SocketAccess {
+            mode: 0o600,
+            group: None,
+        }
     }
 }
 
@@ -81,24 +86,34 @@ impl Drop for BoundSocket {
     fn drop(&mut self) {
         if let Some((path, dev, ino)) = &self.cleanup {
             // Only remove the socket we created, not one a successor bound.
-            if let Ok(meta) = fs::symlink_metadata(path) {
-                if meta.dev() == *dev && meta.ino() == *ino && meta.file_type().is_socket() {
-                    let _ = fs::remove_file(path);
-                }
+            if let Ok(meta) = fs::symlink_metadata(path)
+                && meta.dev() == *dev
+                && meta.ino() == *ino
+                && meta.file_type().is_socket()
+            {
+                let _ = fs::remove_file(path);
             }
         }
     }
 }
 
-fn io_err<'a>(what: &'static str, endpoint: &'a Endpoint) -> impl FnOnce(io::Error) -> SocketError + 'a {
-    move |source| SocketError::Io { what, endpoint: endpoint.to_string(), source }
+fn io_err<'a>(
+    what: &'static str,
+    endpoint: &'a Endpoint,
+) -> impl FnOnce(io::Error) -> SocketError + 'a {
+    move |source| SocketError::Io {
+        what,
+        endpoint: endpoint.to_string(),
+        source,
+    }
 }
 
 /// Binds `endpoint` following the hygiene rules above.
 pub fn bind(endpoint: &Endpoint, access: &SocketAccess) -> Result<BoundSocket, SocketError> {
     match endpoint {
         Endpoint::Abstract(name) => {
-            let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(io_err("invalid address", endpoint))?;
+            let addr = SocketAddr::from_abstract_name(name.as_bytes())
+                .map_err(io_err("invalid address", endpoint))?;
             let listener = UnixListener::bind_addr(&addr).map_err(|e| {
                 if e.kind() == io::ErrorKind::AddrInUse {
                     SocketError::AlreadyServing(endpoint.clone())
@@ -106,22 +121,34 @@ pub fn bind(endpoint: &Endpoint, access: &SocketAccess) -> Result<BoundSocket, S
                     io_err("cannot listen on", endpoint)(e)
                 }
             })?;
-            listener.set_nonblocking(true).map_err(io_err("cannot configure", endpoint))?;
-            Ok(BoundSocket { listener: Some(listener), cleanup: None })
+            listener
+                .set_nonblocking(true)
+                .map_err(io_err("cannot configure", endpoint))?;
+            Ok(BoundSocket {
+                listener: Some(listener),
+                cleanup: None,
+            })
         }
         Endpoint::Path(path) => bind_path(endpoint, path, access),
     }
 }
 
-fn bind_path(endpoint: &Endpoint, path: &Path, access: &SocketAccess) -> Result<BoundSocket, SocketError> {
+fn bind_path(
+    endpoint: &Endpoint,
+    path: &Path,
+    access: &SocketAccess,
+) -> Result<BoundSocket, SocketError> {
     let gid = match &access.group {
         None => None,
         Some(g) => Some(resolve_group(g)?),
     };
-    if let Some(dir) = path.parent() {
-        if !dir.is_dir() {
-            return Err(SocketError::NoDirectory { path: path.to_owned(), dir: dir.to_owned() });
-        }
+    if let Some(dir) = path.parent()
+        && !dir.is_dir()
+    {
+        return Err(SocketError::NoDirectory {
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+        });
     }
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
@@ -148,14 +175,19 @@ fn bind_path(endpoint: &Endpoint, path: &Path, access: &SocketAccess) -> Result<
         }
     })?;
     let meta = fs::symlink_metadata(path).map_err(io_err("cannot inspect", endpoint))?;
-    let socket = BoundSocket { listener: Some(listener), cleanup: Some((path.to_owned(), meta.dev(), meta.ino())) };
+    let socket = BoundSocket {
+        listener: Some(listener),
+        cleanup: Some((path.to_owned(), meta.dev(), meta.ino())),
+    };
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(io_err("cannot set group of", endpoint))?;
+        std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
+            .map_err(io_err("cannot set group of", endpoint))?;
     }
     fs::set_permissions(path, fs::Permissions::from_mode(access.mode))
         .map_err(io_err("cannot set mode of", endpoint))?;
     if let Some(l) = &socket.listener {
-        l.set_nonblocking(true).map_err(io_err("cannot configure", endpoint))?;
+        l.set_nonblocking(true)
+            .map_err(io_err("cannot configure", endpoint))?;
     }
     Ok(socket)
 }
@@ -183,7 +215,10 @@ mod tests {
         // Stale: bound then closed without unlinking.
         drop(UnixListener::bind(&path).unwrap());
         let mut s = bind(&ep, &SocketAccess::default()).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
 
         // Live: the first listener still holds the path.
         let err = bind(&ep, &SocketAccess::default()).unwrap_err();
@@ -203,14 +238,20 @@ mod tests {
     fn mode_and_group_are_applied() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kms.sock");
-        let access = SocketAccess { mode: 0o660, group: Some("0".into()) };
+        let access = SocketAccess {
+            mode: 0o660,
+            group: Some("0".into()),
+        };
         let _s = bind(&Endpoint::Path(path.clone()), &access).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o660);
         assert_eq!(meta.gid(), 0);
         let err = bind(
             &Endpoint::Path(dir.path().join("other.sock")),
-            &SocketAccess { mode: 0o600, group: Some("no-such-group-atrest".into()) },
+            &SocketAccess {
+                mode: 0o600,
+                group: Some("no-such-group-atrest".into()),
+            },
         )
         .unwrap_err();
         assert!(matches!(err, SocketError::UnknownGroup(_)), "{err}");
@@ -220,7 +261,10 @@ mod tests {
     fn abstract_sockets_refuse_a_second_server() {
         let ep = Endpoint::Abstract(format!("atrest-test-{}", std::process::id()));
         let _first = bind(&ep, &SocketAccess::default()).unwrap();
-        assert!(matches!(bind(&ep, &SocketAccess::default()), Err(SocketError::AlreadyServing(_))));
+        assert!(matches!(
+            bind(&ep, &SocketAccess::default()),
+            Err(SocketError::AlreadyServing(_))
+        ));
         assert!(kms_client::connect_std(&ep).is_ok());
     }
 }

@@ -17,7 +17,10 @@ pub mod kms {
         impl fmt::Debug for EncryptRequest {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_struct("EncryptRequest")
-                    .field("plaintext", &format_args!("<redacted {} bytes>", self.plaintext.len()))
+                    .field(
+                        "plaintext",
+                        &format_args!("<redacted {} bytes>", self.plaintext.len()),
+                    )
                     .field("uid", &self.uid)
                     .finish()
             }
@@ -26,7 +29,10 @@ pub mod kms {
         impl fmt::Debug for DecryptResponse {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_struct("DecryptResponse")
-                    .field("plaintext", &format_args!("<redacted {} bytes>", self.plaintext.len()))
+                    .field(
+                        "plaintext",
+                        &format_args!("<redacted {} bytes>", self.plaintext.len()),
+                    )
                     .finish()
             }
         }
@@ -56,7 +62,10 @@ mod tests {
     #[test]
     fn plaintext_carrying_messages_redact_debug() {
         let canary = b"CANARY-PLAINTEXT-0123456789".to_vec();
-        let req = EncryptRequest { plaintext: canary.clone(), uid: "u-1".into() };
+        let req = EncryptRequest {
+            plaintext: canary.clone(),
+            uid: "u-1".into(),
+        };
         let resp = DecryptResponse { plaintext: canary };
         for shown in [format!("{req:?}"), format!("{resp:?}"), format!("{req:#?}")] {
             assert!(!shown.contains("CANARY"), "{shown}");

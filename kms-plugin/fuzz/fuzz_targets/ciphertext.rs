@@ -25,7 +25,10 @@ const TEST_KEYRING: &str = r#"{
 fn keyring() -> &'static Keyring {
     static K: OnceLock<Keyring> = OnceLock::new();
     K.get_or_init(|| {
-        let raw = RawKeyring { bytes: TEST_KEYRING.as_bytes().to_vec().into(), digest: [0; 32] };
+        let raw = RawKeyring {
+            bytes: TEST_KEYRING.as_bytes().to_vec().into(),
+            digest: [0; 32],
+        };
         Keyring::from_raw(Path::new("fuzz-keyring.json"), &raw).expect("test keyring is valid")
     })
 }
@@ -36,7 +39,9 @@ fuzz_target!(|data: &[u8]| {
     // Under the real key_id (the interesting path: header ok, AEAD fails)...
     let _ = k.decrypt(k.key_id(), data);
     // ...and with the first bytes taken as a key_id.
-    let split = data.first().map_or(0, |b| usize::from(*b) % (data.len() + 1));
+    let split = data
+        .first()
+        .map_or(0, |b| usize::from(*b) % (data.len() + 1));
     if let Ok(key_id) = std::str::from_utf8(&data[..split]) {
         let _ = k.decrypt(key_id, &data[split..]);
     }

@@ -20,9 +20,19 @@ fn lock(path: &Path) -> Result<EditLock, KeyringFileError> {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     let lock_path = PathBuf::from(name);
-    let err = |source| KeyringFileError::Write { path: lock_path.clone(), source };
-    let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path).map_err(err)?;
-    let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| err(errno.into()))?;
+    let err = |source| KeyringFileError::Write {
+        path: lock_path.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(err)?;
+    let lock =
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| err(errno.into()))?;
     Ok(EditLock { _lock: lock })
 }
 
@@ -47,7 +57,13 @@ fn edit<T>(
     let out = change(&mut keyring)?;
     let bytes = keyring.to_bytes();
     // Re-parse what we are about to write: never write a keyring we would refuse.
-    let snapshot = Keyring::from_raw(path, &file::RawKeyring { digest: [0; 32], bytes: bytes.clone() })?;
+    let snapshot = Keyring::from_raw(
+        path,
+        &file::RawKeyring {
+            digest: [0; 32],
+            bytes: bytes.clone(),
+        },
+    )?;
     file::write_atomic(path, &bytes, WriteMode::Replace)?;
     Ok((out, snapshot))
 }
@@ -93,7 +109,12 @@ pub struct Listing {
 /// `keyring list`.
 pub fn list(path: &Path) -> Result<Listing, KeyringFileError> {
     let keyring = Keyring::load(path)?;
-    let primary = keyring.infos().iter().find(|i| i.state == "primary").map(|i| i.kek).unwrap_or(0);
+    let primary = keyring
+        .infos()
+        .iter()
+        .find(|i| i.state == "primary")
+        .map(|i| i.kek)
+        .unwrap_or(0);
     Ok(Listing {
         generation: keyring.generation(),
         primary,
@@ -106,7 +127,10 @@ impl Listing {
     /// The human table.
     pub fn to_text(&self) -> String {
         use std::fmt::Write;
-        let mut out = format!("generation {}; primary KEK {}; key_id {}\n", self.generation, self.primary, self.key_id);
+        let mut out = format!(
+            "generation {}; primary KEK {}; key_id {}\n",
+            self.generation, self.primary, self.key_id
+        );
         let _ = writeln!(out, "{:<5} {:<13} {:<21} KEY_ID", "KEK", "STATE", "CREATED");
         for k in &self.keks {
             let _ = writeln!(
@@ -135,7 +159,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyring.json");
         let first = init(&path).unwrap();
-        assert!(matches!(init(&path), Err(KeyringFileError::AlreadyExists(_))));
+        assert!(matches!(
+            init(&path),
+            Err(KeyringFileError::AlreadyExists(_))
+        ));
         let second = rotate(&path).unwrap();
         assert_ne!(first, second);
         assert_eq!(add(&path).unwrap(), 3);
@@ -147,8 +174,14 @@ mod tests {
         assert_eq!(listing.primary, 1);
         assert_eq!(listing.keks[0].key_ids, vec![first, again.clone()]);
         assert_eq!(listing.key_id, again);
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let text = listing.to_text();
-        assert!(text.contains("primary") && text.contains("decrypt-only"), "{text}");
+        assert!(
+            text.contains("primary") && text.contains("decrypt-only"),
+            "{text}"
+        );
     }
 }

@@ -71,7 +71,9 @@ pub enum KeyringFileError {
         reason: String,
     },
     /// `init` found a file already there.
-    #[error("keyring {0} already exists; refusing to overwrite it (use `keyring rotate` to add a KEK)")]
+    #[error(
+        "keyring {0} already exists; refusing to overwrite it (use `keyring rotate` to add a KEK)"
+    )]
     AlreadyExists(PathBuf),
     /// An edit that makes no sense for this keyring.
     #[error("keyring {path}: {reason}")]
@@ -205,21 +207,23 @@ pub fn read_raw(path: &Path) -> Result<RawKeyring, KeyringFileError> {
 impl KeyringFile {
     /// Parses and validates file content. `path` only names the file in errors.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, KeyringFileError> {
-        let file: KeyringFile = serde_json::from_slice(bytes).map_err(|e| KeyringFileError::Syntax {
-            path: path.to_owned(),
-            what: match e.classify() {
-                serde_json::error::Category::Io => "read error",
-                serde_json::error::Category::Syntax => "JSON syntax error",
-                serde_json::error::Category::Data => "unexpected field or value",
-                serde_json::error::Category::Eof => "unexpected end of file",
-            },
-            line: e.line(),
-            column: e.column(),
-        })?;
-        file.validate().map_err(|reason| KeyringFileError::Invalid {
-            path: path.to_owned(),
-            reason,
-        })?;
+        let file: KeyringFile =
+            serde_json::from_slice(bytes).map_err(|e| KeyringFileError::Syntax {
+                path: path.to_owned(),
+                what: match e.classify() {
+                    serde_json::error::Category::Io => "read error",
+                    serde_json::error::Category::Syntax => "JSON syntax error",
+                    serde_json::error::Category::Data => "unexpected field or value",
+                    serde_json::error::Category::Eof => "unexpected end of file",
+                },
+                line: e.line(),
+                column: e.column(),
+            })?;
+        file.validate()
+            .map_err(|reason| KeyringFileError::Invalid {
+                path: path.to_owned(),
+                reason,
+            })?;
         Ok(file)
     }
 
@@ -238,12 +242,22 @@ impl KeyringFile {
         let mut epochs = std::collections::BTreeSet::new();
         for record in &self.keks {
             if record.kek == 0 || !numbers.insert(record.kek) {
-                return Err(format!("keks[kek={}]: KEK numbers must be unique and at least 1", record.kek));
+                return Err(format!(
+                    "keks[kek={}]: KEK numbers must be unique and at least 1",
+                    record.kek
+                ));
             }
-            humantime::parse_rfc3339(&record.created)
-                .map_err(|_| format!("keks[kek={}].created is not an RFC 3339 UTC time", record.kek))?;
+            humantime::parse_rfc3339(&record.created).map_err(|_| {
+                format!(
+                    "keks[kek={}].created is not an RFC 3339 UTC time",
+                    record.kek
+                )
+            })?;
             if !record.promotions.windows(2).all(|w| w[0] < w[1]) {
-                return Err(format!("keks[kek={}].promotions must be strictly ascending", record.kek));
+                return Err(format!(
+                    "keks[kek={}].promotions must be strictly ascending",
+                    record.kek
+                ));
             }
             for epoch in &record.promotions {
                 if *epoch == 0 || !epochs.insert(*epoch) {
@@ -272,11 +286,19 @@ impl KeyringFile {
 
     /// The record of the primary KEK (the one with the highest epoch).
     pub fn primary(&self) -> Option<&KekRecord> {
-        self.keks.iter().filter(|r| r.last_promotion().is_some()).max_by_key(|r| r.last_promotion())
+        self.keks
+            .iter()
+            .filter(|r| r.last_promotion().is_some())
+            .max_by_key(|r| r.last_promotion())
     }
 
     fn next_epoch(&self) -> u32 {
-        self.keks.iter().filter_map(KekRecord::last_promotion).max().unwrap_or(0) + 1
+        self.keks
+            .iter()
+            .filter_map(KekRecord::last_promotion)
+            .max()
+            .unwrap_or(0)
+            + 1
     }
 
     fn next_kek_number(&self) -> u32 {
@@ -289,7 +311,11 @@ impl KeyringFile {
     /// decrypt-only until promoted. Returns its number.
     pub fn add(&mut self, promote: bool) -> u32 {
         let number = self.next_kek_number();
-        let promotions = if promote { vec![self.next_epoch()] } else { Vec::new() };
+        let promotions = if promote {
+            vec![self.next_epoch()]
+        } else {
+            Vec::new()
+        };
         self.keks.push(KekRecord::generate(number, promotions));
         self.generation += 1;
         number
@@ -304,10 +330,14 @@ impl KeyringFile {
             });
         }
         let epoch = self.next_epoch();
-        let record = self.keks.iter_mut().find(|r| r.kek == number).ok_or_else(|| KeyringFileError::Edit {
-            path: path.to_owned(),
-            reason: format!("no KEK {number} in this keyring"),
-        })?;
+        let record = self
+            .keks
+            .iter_mut()
+            .find(|r| r.kek == number)
+            .ok_or_else(|| KeyringFileError::Edit {
+                path: path.to_owned(),
+                reason: format!("no KEK {number} in this keyring"),
+            })?;
         record.promotions.push(epoch);
         self.generation += 1;
         Ok(())
@@ -319,7 +349,9 @@ impl KeyringFile {
         if self.primary().map(|r| r.kek) == Some(number) {
             return Err(KeyringFileError::Edit {
                 path: path.to_owned(),
-                reason: format!("KEK {number} is the primary; promote another KEK before retiring it"),
+                reason: format!(
+                    "KEK {number} is the primary; promote another KEK before retiring it"
+                ),
             });
         }
         let before = self.keks.len();
@@ -360,18 +392,27 @@ pub enum WriteMode {
 /// which fails rather than overwrite), then fsync of the directory. A reader
 /// sees the old file or the new one, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: WriteMode) -> Result<(), KeyringFileError> {
-    let err = |source| KeyringFileError::Write { path: path.to_owned(), source };
+    let err = |source| KeyringFileError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| err(io::Error::other("path has no file name")))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| err(io::Error::other("path has no file name")))?;
     let mut tmp_name = file_name.to_owned();
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = dir.join(tmp_name);
 
     let result = (|| -> io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -421,7 +462,10 @@ mod tests {
         let back = KeyringFile::parse(Path::new("k.json"), &bytes).unwrap();
         assert_eq!(back.generation, 1);
         assert_eq!(back.primary().unwrap().kek, 1);
-        assert_eq!(*back.keks[0].material().unwrap(), *k.keks[0].material().unwrap());
+        assert_eq!(
+            *back.keks[0].material().unwrap(),
+            *k.keks[0].material().unwrap()
+        );
     }
 
     #[test]
@@ -451,9 +495,18 @@ mod tests {
         let secret = good.keks[0].material.to_string();
         let json: serde_json::Value = serde_json::from_slice(&good.to_bytes()).unwrap();
         let cases: Vec<(serde_json::Value, &str)> = vec![
-            (serde_json::json!({"format": "x", "generation": 1, "keks": json["keks"]}), "format"),
-            (serde_json::json!({"format": FORMAT, "generation": 0, "keks": json["keks"]}), "generation"),
-            (serde_json::json!({"format": FORMAT, "generation": 1, "keks": []}), "keks is empty"),
+            (
+                serde_json::json!({"format": "x", "generation": 1, "keks": json["keks"]}),
+                "format",
+            ),
+            (
+                serde_json::json!({"format": FORMAT, "generation": 0, "keks": json["keks"]}),
+                "generation",
+            ),
+            (
+                serde_json::json!({"format": FORMAT, "generation": 1, "keks": []}),
+                "keks is empty",
+            ),
             (
                 serde_json::json!({"format": FORMAT, "generation": 1, "keks": [{"kek": 1, "created": "2026-01-01T00:00:00Z", "promotions": [1], "material": "AAAA"}]}),
                 "material decodes to 3 bytes",
@@ -468,7 +521,9 @@ mod tests {
             ),
         ];
         for (value, want) in cases {
-            let err = KeyringFile::parse(p, value.to_string().as_bytes()).unwrap_err().to_string();
+            let err = KeyringFile::parse(p, value.to_string().as_bytes())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err} lacks {want}");
             assert!(!err.contains(&secret), "{err} leaks material");
         }
@@ -488,14 +543,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyring.json");
         write_atomic(&path, b"one", WriteMode::CreateNew).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let again = write_atomic(&path, b"two", WriteMode::CreateNew).unwrap_err();
-        assert!(matches!(again, KeyringFileError::AlreadyExists(_)), "{again}");
+        assert!(
+            matches!(again, KeyringFileError::AlreadyExists(_)),
+            "{again}"
+        );
         assert_eq!(fs::read(&path).unwrap(), b"one");
         write_atomic(&path, b"two", WriteMode::Replace).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(fs::read(dir.path().join("keyring.json.prev")).unwrap(), b"one");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::read(dir.path().join("keyring.json.prev")).unwrap(),
+            b"one"
+        );
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let leftovers: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

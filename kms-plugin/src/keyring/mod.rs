@@ -103,9 +103,19 @@ impl Keyring {
         Self::from_raw(path, &file::read_raw(path)?)
     }
 
-    fn from_file(path: &Path, file: &KeyringFile, digest: [u8; 32]) -> Result<Self, KeyringFileError> {
-        let invalid = |reason: String| KeyringFileError::Invalid { path: path.to_owned(), reason };
-        let primary_number = file.primary().map(|r| r.kek).ok_or_else(|| invalid("no primary KEK".into()))?;
+    fn from_file(
+        path: &Path,
+        file: &KeyringFile,
+        digest: [u8; 32],
+    ) -> Result<Self, KeyringFileError> {
+        let invalid = |reason: String| KeyringFileError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let primary_number = file
+            .primary()
+            .map(|r| r.kek)
+            .ok_or_else(|| invalid("no primary KEK".into()))?;
         let mut by_key_id = HashMap::new();
         let mut infos = Vec::with_capacity(file.keks.len());
         let mut primary = None;
@@ -118,8 +128,11 @@ impl Keyring {
                 number: record.kek,
                 cipher: Aes256Gcm::new(enc_key.as_ref().into()),
             });
-            let key_ids: Vec<String> =
-                record.promotions.iter().map(|epoch| derive_key_id(&material, record.kek, *epoch)).collect();
+            let key_ids: Vec<String> = record
+                .promotions
+                .iter()
+                .map(|epoch| derive_key_id(&material, record.kek, *epoch))
+                .collect();
             for id in &key_ids {
                 by_key_id.insert(id.clone(), kek.clone());
             }
@@ -130,14 +143,25 @@ impl Keyring {
             }
             infos.push(KekInfo {
                 kek: record.kek,
-                state: if is_primary { "primary" } else { "decrypt-only" },
+                state: if is_primary {
+                    "primary"
+                } else {
+                    "decrypt-only"
+                },
                 created: record.created.clone(),
                 key_id: key_ids.last().cloned(),
                 key_ids,
             });
         }
         let primary = primary.ok_or_else(|| invalid("no primary KEK".into()))?;
-        Ok(Keyring { generation: file.generation, digest, primary, primary_key_id, by_key_id, infos })
+        Ok(Keyring {
+            generation: file.generation,
+            digest,
+            primary,
+            primary_key_id,
+            by_key_id,
+            infos,
+        })
     }
 
     /// The file's generation.
@@ -174,7 +198,13 @@ impl KekSet for Keyring {
         let sealed = self
             .primary
             .cipher
-            .encrypt(&nonce, Payload { msg: plaintext, aad: &aad })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| EncryptError::Cipher)?;
         let mut out = Vec::with_capacity(header.len() + nonce.len() + sealed.len());
         out.extend_from_slice(&header);
@@ -185,13 +215,25 @@ impl KekSet for Keyring {
 
     fn decrypt(&self, key_id: &str, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
         let env = Envelope::parse(ciphertext)?;
-        let kek = self.by_key_id.get(key_id).ok_or(DecryptError::UnknownKeyId)?;
+        let kek = self
+            .by_key_id
+            .get(key_id)
+            .ok_or(DecryptError::UnknownKeyId)?;
         if kek.number != env.kek {
-            return Err(DecryptError::KekMismatch { in_ciphertext: env.kek, for_key_id: kek.number });
+            return Err(DecryptError::KekMismatch {
+                in_ciphertext: env.kek,
+                for_key_id: kek.number,
+            });
         }
         let aad = envelope::associated_data(env.header, key_id);
         kek.cipher
-            .decrypt(Nonce::from_slice(env.nonce), Payload { msg: env.sealed, aad: &aad })
+            .decrypt(
+                Nonce::from_slice(env.nonce),
+                Payload {
+                    msg: env.sealed,
+                    aad: &aad,
+                },
+            )
             .map(Zeroizing::new)
             .map_err(|_| DecryptError::Authentication)
     }
@@ -208,14 +250,18 @@ pub struct LocalKeyring {
 
 impl std::fmt::Debug for LocalKeyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalKeyring").field("current", &self.current.load()).finish()
+        f.debug_struct("LocalKeyring")
+            .field("current", &self.current.load())
+            .finish()
     }
 }
 
 impl LocalKeyring {
     /// Puts `keyring` in service.
     pub fn new(keyring: Keyring) -> Self {
-        LocalKeyring { current: ArcSwap::from_pointee(keyring) }
+        LocalKeyring {
+            current: ArcSwap::from_pointee(keyring),
+        }
     }
 
     /// The snapshot in service, with its concrete type (for reload decisions).
@@ -251,19 +297,32 @@ mod tests {
         let mut f = KeyringFile::new_with_primary();
         let k1 = keyring(&f);
         let ct = k1.encrypt(b"seed seed seed seed seed seed 32").unwrap();
-        assert_eq!(&*k1.decrypt(k1.key_id(), &ct).unwrap(), b"seed seed seed seed seed seed 32");
-        assert_ne!(ct, k1.encrypt(b"seed seed seed seed seed seed 32").unwrap(), "nonce reuse");
+        assert_eq!(
+            &*k1.decrypt(k1.key_id(), &ct).unwrap(),
+            b"seed seed seed seed seed seed 32"
+        );
+        assert_ne!(
+            ct,
+            k1.encrypt(b"seed seed seed seed seed seed 32").unwrap(),
+            "nonce reuse"
+        );
 
         f.add(true);
         let k2 = keyring(&f);
         assert_ne!(k1.key_id(), k2.key_id());
-        assert!(k2.decrypt(k1.key_id(), &ct).is_ok(), "old ciphertext must still decrypt");
+        assert!(
+            k2.decrypt(k1.key_id(), &ct).is_ok(),
+            "old ciphertext must still decrypt"
+        );
         // The right KEK but the wrong key_id fails: the key_id is bound.
         f.promote(p, 1).unwrap();
         let k3 = keyring(&f);
         assert!(k3.key_id().starts_with("atrest-v1-k1-e3-"));
         assert_ne!(k3.key_id(), k1.key_id(), "reinstated KEK reused a key_id");
-        assert_eq!(k3.decrypt(k3.key_id(), &ct), Err(DecryptError::Authentication));
+        assert_eq!(
+            k3.decrypt(k3.key_id(), &ct),
+            Err(DecryptError::Authentication)
+        );
         assert!(k3.decrypt(k1.key_id(), &ct).is_ok());
         assert_eq!(k3.decrypt("nope", &ct), Err(DecryptError::UnknownKeyId));
     }
@@ -298,10 +357,16 @@ mod tests {
         for i in 0..ct.len() {
             let mut bad = ct.clone();
             bad[i] ^= 0x01;
-            assert!(k.decrypt(k.key_id(), &bad).is_err(), "byte {i} flip accepted");
+            assert!(
+                k.decrypt(k.key_id(), &bad).is_err(),
+                "byte {i} flip accepted"
+            );
         }
         for len in 0..ct.len() {
-            assert!(k.decrypt(k.key_id(), &ct[..len]).is_err(), "prefix {len} accepted");
+            assert!(
+                k.decrypt(k.key_id(), &ct[..len]).is_err(),
+                "prefix {len} accepted"
+            );
         }
     }
 
@@ -329,7 +394,10 @@ mod tests {
         let shown = format!("{k:?} {:?}", LocalKeyring::new(keyring(&f)));
         let hexed = hex::encode(material.as_ref());
         assert!(!shown.contains(&hexed), "{shown}");
-        assert!(!shown.contains(&format!("{:?}", material.as_ref())), "{shown}");
+        assert!(
+            !shown.contains(&format!("{:?}", material.as_ref())),
+            "{shown}"
+        );
         assert!(shown.contains(k.key_id()));
     }
 }
