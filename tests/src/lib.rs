@@ -3,4 +3,5 @@
 //! loopback / unix sockets in temporary directories, and stops them after.
 //! Nothing here is a mock of an atrest component.
 
+pub mod etcd;
 pub mod plugin;

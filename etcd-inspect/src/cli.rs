@@ -1,0 +1,401 @@
+//! Command-line flags (clap) and their validation into [`Settings`].
+//!
+//! Everything a user can get wrong on the command line is refused here,
+//! before etcd or a KMS plugin is contacted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::etcd::EtcdConnection;
+use crate::record::Finding;
+
+/// Exit codes, shown in `--help` and the README.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  clean: no finding in --fail-on
+  1  findings: at least one key has a finding in --fail-on
+  2  usage, config, connection or KMS plugin error (nothing was judged)
+
+Findings (with --config):
+  ok              stored as the first provider (and its first key) of the matching entry
+  plaintext       not encrypted, but the config expects encryption
+  stale           encrypted with a provider or key of the config that is not first: rewrite it
+  kms-key-stale   KMS v2 keyID is not the plugin's current key_id: rewrite before retiring the KEK
+  unreadable      provider or key not in the config at all: data at risk
+  undecodable     garbage, truncated, or an invalid encrypted envelope
+  decrypt-failed  --decrypt-check could not decrypt it with the config's keys or the plugin
+
+--output json writes one JSON document, streamed while scanning:
+  {\"prefix\":..,\"revision\":..,\"records\":[{\"key\":..,\"resource\":..,\"namespace\":..,\"name\":..,
+   \"provider\":..,\"provider_name\":..,\"key_name\":..,\"key_id\":..,\"finding\":..},..],\"summary\":{..}}
+Plaintext and keys are never printed.";
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// A summary table for people.
+    Table,
+    /// One record per key plus the summary, streamed.
+    Json,
+    /// JUnit XML for CI systems.
+    Junit,
+}
+
+/// Audit kube-apiserver's etcd: classify every stored value and check it
+/// against an EncryptionConfiguration. Read-only.
+#[derive(Debug, Parser)]
+#[command(name = "etcd-inspect", version, after_help = EXIT_CODES)]
+pub struct Args {
+    /// etcd endpoints, comma-separated or repeated (like etcdctl).
+    #[arg(
+        long,
+        value_name = "URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub endpoints: Vec<String>,
+
+    /// CA bundle (PEM) to verify etcd's server certificate.
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd's client-cert auth.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// Client private key (PEM) for --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// Time allowed to connect to etcd (e.g. 5s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+
+    /// Time allowed for each etcd page read or KMS call.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub command_timeout: Duration,
+
+    /// kube-apiserver's --etcd-prefix: keys are mapped to resources below it.
+    #[arg(long, value_name = "PREFIX", default_value = "/registry")]
+    pub etcd_prefix: String,
+
+    /// Key prefix to scan [default: the --etcd-prefix].
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+
+    /// Keys per etcd range request (smaller pages are used for large values).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub page_size: i64,
+
+    /// kube-apiserver EncryptionConfiguration to audit against.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Reach KMS provider NAME at ENDPOINT instead of the config's endpoint (repeatable).
+    #[arg(long, value_name = "NAME=ENDPOINT", requires = "config")]
+    pub kms_endpoint: Vec<String>,
+
+    /// Take KMS v2 provider NAME's current key_id as given instead of calling Status (repeatable).
+    #[arg(long, value_name = "NAME=KEY_ID", requires = "config")]
+    pub kms_key_id: Vec<String>,
+
+    /// Decrypt every value with the config's keys (KMS v2 seeds through the plugin); plaintext is never shown.
+    #[arg(long, requires = "config")]
+    pub decrypt_check: bool,
+
+    /// Findings that fail the run (exit 1), comma-separated, or `none`.
+    #[arg(
+        long,
+        value_name = "FINDINGS",
+        default_value = "plaintext,unreadable,undecodable,decrypt-failed"
+    )]
+    pub fail_on: String,
+
+    /// Report format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How to reach etcd.
+    pub etcd: EtcdConnection,
+    /// kube-apiserver's etcd prefix (no trailing `/`).
+    pub etcd_prefix: String,
+    /// Scan prefix.
+    pub prefix: String,
+    /// Keys per page.
+    pub page_size: i64,
+    /// Config to audit against.
+    pub config: Option<PathBuf>,
+    /// KMS provider name -> endpoint overrides.
+    pub kms_endpoints: BTreeMap<String, String>,
+    /// KMS v2 provider name -> current key_id given on the command line.
+    pub kms_key_ids: BTreeMap<String, String>,
+    /// Timeout of KMS calls (when the config gives none).
+    pub kms_timeout: Duration,
+    /// Decrypt every value.
+    pub decrypt_check: bool,
+    /// Findings that fail the run.
+    pub fail_on: BTreeSet<Finding>,
+    /// Report format.
+    pub output: OutputFormat,
+}
+
+/// A flag value that is wrong; names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {message}")]
+pub struct UsageError {
+    /// The flag.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn usage(flag: &'static str, message: impl Into<String>) -> UsageError {
+    UsageError {
+        flag,
+        message: message.into(),
+    }
+}
+
+impl TryFrom<Args> for Settings {
+    type Error = UsageError;
+
+    fn try_from(a: Args) -> Result<Self, UsageError> {
+        let endpoints: Vec<String> = a
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(usage("--endpoints", "at least one endpoint is needed"));
+        }
+        for e in &endpoints {
+            if let Some((scheme, _)) = e.split_once("://")
+                && scheme != "http"
+                && scheme != "https"
+            {
+                return Err(usage(
+                    "--endpoints",
+                    format!("{e:?}: scheme must be http or https"),
+                ));
+            }
+        }
+        for (flag, path) in [
+            ("--cacert", &a.cacert),
+            ("--cert", &a.cert),
+            ("--key", &a.key),
+        ] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                return Err(usage(
+                    flag,
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        let etcd_prefix = a.etcd_prefix.trim_end_matches('/').to_owned();
+        if !etcd_prefix.starts_with('/') {
+            return Err(usage(
+                "--etcd-prefix",
+                format!("{:?} must start with /", a.etcd_prefix),
+            ));
+        }
+        let prefix = a.prefix.unwrap_or_else(|| etcd_prefix.clone());
+        if prefix.is_empty() {
+            return Err(usage("--prefix", "must not be empty"));
+        }
+        let fail_on = parse_fail_on(&a.fail_on).map_err(|m| usage("--fail-on", m))?;
+        let kms_endpoints = parse_pairs(&a.kms_endpoint).map_err(|m| usage("--kms-endpoint", m))?;
+        for (name, ep) in &kms_endpoints {
+            crate::kms::parse_endpoint(ep)
+                .map_err(|e| usage("--kms-endpoint", format!("{name}: {e}")))?;
+        }
+        let kms_key_ids = parse_pairs(&a.kms_key_id).map_err(|m| usage("--kms-key-id", m))?;
+        Ok(Settings {
+            etcd: EtcdConnection {
+                endpoints,
+                cacert: a.cacert,
+                cert: a.cert,
+                key: a.key,
+                dial_timeout: a.dial_timeout,
+                command_timeout: a.command_timeout,
+            },
+            etcd_prefix,
+            prefix,
+            page_size: a.page_size,
+            config: a.config,
+            kms_endpoints,
+            kms_key_ids,
+            kms_timeout: Duration::from_secs(3),
+            decrypt_check: a.decrypt_check,
+            fail_on,
+            output: a.output,
+        })
+    }
+}
+
+/// Parses `--fail-on`: comma-separated finding names, or `none`.
+pub fn parse_fail_on(s: &str) -> Result<BTreeSet<Finding>, String> {
+    if s.trim() == "none" {
+        return Ok(BTreeSet::new());
+    }
+    let set: BTreeSet<Finding> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    if set.contains(&Finding::Ok) {
+        return Err("`ok` cannot fail a run".into());
+    }
+    if set.is_empty() {
+        return Err("give finding names, or `none`".into());
+    }
+    Ok(set)
+}
+
+fn parse_pairs(items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut map = BTreeMap::new();
+    for item in items {
+        let (name, value) = item
+            .split_once('=')
+            .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+            .ok_or_else(|| format!("{item:?} is not NAME=VALUE"))?;
+        if map.insert(name.to_owned(), value.to_owned()).is_some() {
+            return Err(format!("{name} given twice"));
+        }
+    }
+    Ok(map)
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 5s or 500ms"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let a = Args::try_parse_from(std::iter::once("etcd-inspect").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Settings::try_from(a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.etcd.endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(s.prefix, "/registry");
+        assert_eq!(s.etcd_prefix, "/registry");
+        assert_eq!(s.output, OutputFormat::Table);
+        assert_eq!(s.fail_on, Finding::DEFAULT_FAIL_ON.into_iter().collect());
+    }
+
+    #[test]
+    fn endpoints_comma_and_repeat() {
+        let s = parse(&["--endpoints", "a:1,b:2", "--endpoints", "https://c:3"]).unwrap();
+        assert_eq!(s.etcd.endpoints, vec!["a:1", "b:2", "https://c:3"]);
+        assert!(
+            parse(&["--endpoints", "tcp://x:1"])
+                .unwrap_err()
+                .contains("--endpoints")
+        );
+    }
+
+    #[test]
+    fn fail_on_values() {
+        assert_eq!(parse_fail_on("none").unwrap(), BTreeSet::new());
+        assert_eq!(
+            parse_fail_on("stale, kms-key-stale").unwrap(),
+            [Finding::Stale, Finding::KmsKeyStale].into_iter().collect()
+        );
+        assert!(parse_fail_on("ok").is_err());
+        assert!(parse_fail_on("bogus").unwrap_err().contains("bogus"));
+        assert!(
+            parse(&["--fail-on", "bogus"])
+                .unwrap_err()
+                .contains("--fail-on")
+        );
+    }
+
+    #[test]
+    fn kms_overrides_need_name_equals_value() {
+        let s = parse(&[
+            "--config",
+            "c.yaml",
+            "--kms-endpoint",
+            "p=unix:///@x",
+            "--kms-key-id",
+            "p=k1",
+        ])
+        .unwrap();
+        assert_eq!(s.kms_endpoints["p"], "unix:///@x");
+        assert_eq!(s.kms_key_ids["p"], "k1");
+        assert!(
+            parse(&["--config", "c", "--kms-endpoint", "p"])
+                .unwrap_err()
+                .contains("NAME=VALUE")
+        );
+        assert!(
+            parse(&["--config", "c", "--kms-endpoint", "p=tcp://x"])
+                .unwrap_err()
+                .contains("--kms-endpoint")
+        );
+        assert!(
+            parse(&[
+                "--config",
+                "c",
+                "--kms-key-id",
+                "p=a",
+                "--kms-key-id",
+                "p=b"
+            ])
+            .unwrap_err()
+            .contains("twice")
+        );
+        // Overrides without a config make no sense.
+        assert!(parse(&["--kms-key-id", "p=a"]).is_err());
+    }
+
+    #[test]
+    fn cert_and_key_go_together() {
+        assert!(parse(&["--cert", "/etc/hostname"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! Report writers: the human table, streaming JSON, and JUnit XML.
+//!
+//! Every writer gets the same calls: [`Reporter::begin`] once the scan's
+//! revision is known, [`Reporter::record`] for each key as it is scanned,
+//! and [`Reporter::finish`] with the summary. Only JSON writes per record;
+//! the table and JUnit are built from the summary, so no writer keeps
+//! records in memory.
+
+mod json;
+mod junit;
+mod table;
+
+use std::collections::BTreeSet;
+use std::io;
+
+pub use json::JsonReporter;
+pub use junit::JunitReporter;
+pub use table::TableReporter;
+
+use crate::record::{Finding, Record};
+use crate::summary::Summary;
+
+/// Facts about the scan that every report states.
+#[derive(Debug, Clone)]
+pub struct ScanMeta {
+    /// The scanned key prefix.
+    pub prefix: String,
+    /// The etcd revision the whole scan read.
+    pub revision: i64,
+    /// The config path given with `--config`, if any.
+    pub config: Option<String>,
+    /// Findings that fail the run.
+    pub fail_on: BTreeSet<Finding>,
+    /// Whether `--decrypt-check` ran.
+    pub decrypt_check: bool,
+}
+
+impl ScanMeta {
+    /// Whether values were audited against a config.
+    pub fn audited(&self) -> bool {
+        self.config.is_some()
+    }
+}
+
+/// A report format.
+pub trait Reporter {
+    /// Called once, before any record.
+    fn begin(&mut self, meta: &ScanMeta) -> io::Result<()>;
+    /// Called for each key, in key order.
+    fn record(&mut self, record: &Record) -> io::Result<()>;
+    /// Called once at the end.
+    fn finish(&mut self, meta: &ScanMeta, summary: &Summary) -> io::Result<()>;
+}
+
+/// `pass` or `fail` for the summary's failing count.
+pub fn result_word(meta: &ScanMeta, summary: &Summary) -> &'static str {
+    if summary.failing(&meta.fail_on) > 0 {
+        "fail"
+    } else {
+        "pass"
+    }
+}

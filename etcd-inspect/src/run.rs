@@ -1,0 +1,146 @@
+//! One audit run: load the config, prepare the auditor (KMS Status, plugin
+//! connections), scan etcd page by page, write the report, decide the exit
+//! code.
+
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use crate::audit::{Auditor, AuditorError};
+use crate::cli::{OutputFormat, Settings};
+use crate::etcd::{EtcdError, Scan};
+use crate::progress::Progress;
+use crate::report::{JsonReporter, JunitReporter, Reporter, ScanMeta, TableReporter};
+use crate::summary::Summary;
+
+/// Why a run could not judge anything (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The config file could not be read.
+    #[error("cannot read --config {path}: {source}")]
+    ReadConfig {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not a valid EncryptionConfiguration.
+    #[error("--config {path}: {source}")]
+    Config {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong (names the field).
+        #[source]
+        source: storage_encryption::ConfigError,
+    },
+    /// Preparing the audit failed (KMS plugin unreachable, bad override...).
+    #[error(transparent)]
+    Auditor(#[from] AuditorError),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// Writing the report failed.
+    #[error("cannot write the report: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// The result of a completed scan.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Scan facts.
+    pub meta: ScanMeta,
+    /// Counts.
+    pub summary: Summary,
+}
+
+impl Outcome {
+    /// Keys with a finding in `--fail-on`.
+    pub fn failing(&self) -> u64 {
+        self.summary.failing(&self.meta.fail_on)
+    }
+
+    /// 0 when nothing in `--fail-on` was found, else 1.
+    pub fn exit_code(&self) -> u8 {
+        if self.failing() > 0 { 1 } else { 0 }
+    }
+}
+
+/// Loads and validates `--config`.
+pub fn load_config(
+    path: &PathBuf,
+) -> Result<storage_encryption::EncryptionConfiguration, RunError> {
+    let bytes = std::fs::read(path).map_err(|source| RunError::ReadConfig {
+        path: path.clone(),
+        source,
+    })?;
+    let config =
+        storage_encryption::EncryptionConfiguration::parse_bytes(&bytes).map_err(|source| {
+            RunError::Config {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    config.validate().map_err(|source| RunError::Config {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(config)
+}
+
+/// Runs the audit described by `settings`, writing the report to `out`.
+pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunError> {
+    // Everything that can be checked offline is checked before etcd is contacted.
+    let config = settings.config.as_ref().map(load_config).transpose()?;
+    let mut auditor = Auditor::prepare(config, settings).await?;
+
+    let kv = settings.etcd.kv_client().await?;
+    let mut scan = Scan::start(
+        kv,
+        settings.etcd.endpoints_display(),
+        settings.prefix.as_bytes().to_vec(),
+        settings.page_size,
+    );
+
+    let out = BufWriter::with_capacity(64 * 1024, out);
+    let mut reporter: Box<dyn Reporter> = match settings.output {
+        OutputFormat::Table => Box::new(TableReporter::new(out)),
+        OutputFormat::Json => Box::new(JsonReporter::new(out)),
+        OutputFormat::Junit => Box::new(JunitReporter::new(out)),
+    };
+    let progress = Progress::on_terminal(&settings.prefix);
+    let mut summary = Summary::default();
+    let mut meta: Option<ScanMeta> = None;
+
+    while let Some(page) = scan.next_page().await {
+        let page = match page {
+            Ok(p) => p,
+            Err(e) => {
+                progress.finish();
+                return Err(e.into());
+            }
+        };
+        if meta.is_none() {
+            let m = ScanMeta {
+                prefix: settings.prefix.clone(),
+                revision: page.revision,
+                config: settings.config.as_ref().map(|p| p.display().to_string()),
+                fail_on: settings.fail_on.clone(),
+                decrypt_check: settings.decrypt_check,
+            };
+            reporter.begin(&m)?;
+            meta = Some(m);
+        }
+        let n = page.kvs.len() as u64;
+        for kv in page.kvs {
+            let record = auditor.audit(&kv.key, &kv.value).await;
+            summary.add(&record);
+            reporter.record(&record)?;
+        }
+        progress.inc(n);
+    }
+    progress.finish();
+    // The scan always yields at least one page (possibly empty) unless it failed.
+    let meta = meta.ok_or(RunError::Etcd(EtcdError::NoHeader))?;
+    reporter.finish(&meta, &summary)?;
+    Ok(Outcome { meta, summary })
+}
