@@ -5,3 +5,4 @@
 
 pub mod etcd;
 pub mod plugin;
+pub mod standin;

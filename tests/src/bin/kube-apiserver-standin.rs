@@ -1,0 +1,43 @@
+//! `kube-apiserver-standin`: a stand-in for kube-apiserver, for tests only.
+//! See `atrest_tests::standin` for what it serves and how it stores objects.
+
+use std::process::ExitCode;
+
+use atrest_tests::standin::{Args, Config, run};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ATREST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kube-apiserver-standin: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kube-apiserver-standin: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kube-apiserver-standin: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

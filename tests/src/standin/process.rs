@@ -1,0 +1,193 @@
+//! Test kit: runs the `kube-apiserver-standin` binary as a child process on a
+//! free loopback port (it prints `listening on ADDR` first), logs to a file,
+//! killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+
+use anyhow::{Context, Result, bail};
+
+use crate::plugin::{HttpResponse, Metrics, WAIT, bin_path, http_get};
+
+/// A running stand-in. Killed on drop.
+#[derive(Debug)]
+pub struct StandinProcess {
+    child: Child,
+    // Kept open so the stand-in never writes to a closed pipe.
+    _stdout: ChildStdout,
+    addr: SocketAddr,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl StandinProcess {
+    /// Starts `kube-apiserver-standin --listen 127.0.0.1:0 --etcd-endpoints ETCD ARGS…`
+    /// and waits for its `listening on` line.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(etcd_endpoint: &str, args: &[S]) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("atrest-standin-")
+            .tempdir()
+            .context("creating the stand-in's temp dir")?;
+        let log_path = dir.path().join("standin.log");
+        let log = std::fs::File::create(&log_path).context("creating the stand-in log")?;
+        let mut child = Command::new(bin_path("kube-apiserver-standin"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--etcd-endpoints")
+            .arg(etcd_endpoint)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("KUBE_APISERVER_STANDIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawning kube-apiserver-standin")?;
+        let stdout = child.stdout.take().context("stand-in stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let result = reader.read_line(&mut line).map(|_| line);
+            let _ = tx.send((result, reader.into_inner()));
+        });
+        let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let (line, stdout) = match rx.recv_timeout(WAIT) {
+            Ok((Ok(line), stdout)) => (line, stdout),
+            Ok((Err(e), _)) => bail!("reading the stand-in's stdout: {e}; log:\n{}", read_log()),
+            Err(_) => {
+                let _ = child.kill();
+                bail!(
+                    "the stand-in printed no `listening on` line within {WAIT:?}; log:\n{}",
+                    read_log()
+                )
+            }
+        };
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| {
+                format!(
+                    "the stand-in's first line is {line:?}, expected `listening on ADDR`; log:\n{}",
+                    read_log()
+                )
+            })?;
+        Ok(Self {
+            child,
+            _stdout: stdout,
+            addr,
+            log_path,
+            _dir: dir,
+        })
+    }
+
+    /// Sends SIGTERM and waits (bounded by [`WAIT`]) for the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(
+            i32::try_from(self.child.id()).context("the stand-in's pid does not fit in i32")?,
+        );
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .context("sending SIGTERM to the stand-in")?;
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the stand-in did not exit within {WAIT:?} after SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// GET `path` (no token).
+    pub async fn get(&self, path: &str) -> Result<HttpResponse> {
+        http_get(self.addr, path).await
+    }
+
+    /// Any request over HTTP/1.0 (the server closes after the answer), with an
+    /// optional bearer token and JSON body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<HttpResponse> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\n", self.addr);
+        if let Some(token) = token {
+            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        let body = body.unwrap_or_default();
+        if !body.is_empty() {
+            head.push_str("Content-Type: application/json\r\n");
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        let mut stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .with_context(|| format!("connecting to the stand-in at {}", self.addr))?;
+        stream.write_all(head.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("{method} {path}: no end of headers in {text:?}"))?;
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("{method} {path}: bad status line in {head:?}"))?;
+        let headers = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Ok(HttpResponse {
+            status,
+            headers,
+            body: body.to_owned(),
+        })
+    }
+
+    /// `/metrics`, parsed (only when no `--token` is set).
+    pub async fn metrics(&self) -> Result<Metrics> {
+        let response = self.get("/metrics").await?;
+        if response.status != 200 {
+            bail!("GET /metrics: {} {}", response.status, response.body);
+        }
+        Metrics::parse(&response.body)
+    }
+}
+
+impl Drop for StandinProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
