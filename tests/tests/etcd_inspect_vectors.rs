@@ -9,8 +9,15 @@ use atrest_tests::etcd::{EtcdServer, run_etcd_inspect};
 use base64::Engine;
 use serde_json::{Value, json};
 
+/// `shared/vectors/`, beside the repository clone; fails loudly when absent.
 fn vectors_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors"))
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors"));
+    assert!(
+        dir.join("apiserver-written.json").is_file(),
+        "known-answer vectors missing: expected {} (shared/ must sit beside the repository clone)",
+        dir.join("apiserver-written.json").display()
+    );
+    dir
 }
 
 /// What kube-apiserver's verdict means in etcd-inspect's vocabulary. The
