@@ -31,7 +31,9 @@ pub fn run(cli: Cli) -> ExitCode {
             };
             crate::logging::init(format);
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "kms-plugin starting");
-            match runtime_with(worker_threads).map(|rt| rt.block_on(serve(config, shutdown_signal()))) {
+            match runtime_with(worker_threads)
+                .map(|rt| rt.block_on(serve(config, shutdown_signal())))
+            {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "kms-plugin failed");

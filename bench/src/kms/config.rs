@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use kms_client::{Endpoint, EndpointError};
 use super::load::Method;
+use kms_client::{Endpoint, EndpointError};
 
 /// The plugin binary's file name, looked for beside `kms-loadgen`.
 const PLUGIN_BIN_NAME: &str = "kms-plugin";

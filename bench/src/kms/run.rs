@@ -9,11 +9,11 @@ use tracing::info;
 
 use super::config::{Config, PluginSource};
 use super::cpu::{CpuError, CpuMeters};
-use kms_client::{ConnectError, Endpoint};
 use super::load::{self, Bound, CellSpec, Method, Workload};
 use super::machine::Machine;
 use super::plugin::{PluginError, SpawnedPlugin, build_profile};
 use super::report::{BurstResult, Report};
+use kms_client::{ConnectError, Endpoint};
 
 /// Distinct ciphertexts the Decrypt cells cycle through.
 const DECRYPT_POOL: usize = 1024;
