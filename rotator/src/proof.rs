@@ -1,0 +1,221 @@
+//! Waiting until every apiserver proves it runs the current stage, with a
+//! timeout that names the apiserver that lags and what it shows.
+//!
+//! Config stages, per apiserver (its `proof:` setting, or `auto`, which picks
+//! the best its metrics offer): the config hash metric shows the file's hash;
+//! else a successful automatic reload after the write; else the operator is
+//! told to restart it and the proof is readiness after a restart
+//! (`process_start_time_seconds` after the write, or a not-ready → ready
+//! transition). KEK promotion: every apiserver reports the new key_id's hash.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::apiserver::Apiserver;
+use crate::metrics::{self, Observation};
+use crate::targets::{Host, ProofMode};
+
+/// What to wait for.
+#[derive(Debug, Clone)]
+pub enum Wanted {
+    /// The config file with this hash, written at or after `since` (unix seconds).
+    Config {
+        /// `sha256:<hex>`.
+        hash: String,
+        /// When the write began.
+        since: f64,
+    },
+    /// KMS key_id hash `sha256:<hex>` seen by every apiserver.
+    KeyId {
+        /// The hash.
+        key_id_hash: String,
+    },
+}
+
+/// Timing.
+#[derive(Debug, Clone, Copy)]
+pub struct ProofSettings {
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Poll this often.
+    pub poll: Duration,
+}
+
+/// Some apiserver did not prove it in time.
+#[derive(Debug, thiserror::Error)]
+#[error("timed out after {waited:?} waiting for every apiserver to {what}: {}", lagging_words(.lagging))]
+pub struct ProofTimeout {
+    /// What was awaited.
+    pub what: String,
+    /// How long.
+    pub waited: Duration,
+    /// (host, proof mode, what it shows).
+    pub lagging: Vec<(String, &'static str, String)>,
+}
+
+fn lagging_words(lagging: &[(String, &'static str, String)]) -> String {
+    lagging
+        .iter()
+        .map(|(h, m, shows)| format!("apiserver {h} ({m}) shows: {shows}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How long a config-hash apiserver gets before the rotator suspects that
+/// automatic reload is off (kube-apiserver polls the file every minute).
+const RELOAD_GRACE: Duration = Duration::from_secs(90);
+
+struct HostWatch {
+    since: Instant,
+    mode: Option<ProofMode>,
+    proven: bool,
+    shows: String,
+    told: bool,
+    /// Restart mode without a start-time metric: saw it down or not ready.
+    saw_down: bool,
+}
+
+async fn observe(
+    api: &Apiserver,
+    host: &Host,
+    w: &mut HostWatch,
+    wanted: &Wanted,
+    notify: &mut dyn FnMut(String),
+) -> Observation {
+    let samples = match api.metrics().await {
+        Ok(s) => s,
+        Err(e) => {
+            w.saw_down = true;
+            return Observation::Waiting(format!("unreachable: {e}"));
+        }
+    };
+    match wanted {
+        Wanted::KeyId { key_id_hash } => metrics::key_id_seen(&samples, key_id_hash),
+        Wanted::Config { hash, since } => {
+            let mode = *w.mode.get_or_insert(match host.proof {
+                ProofMode::Auto => metrics::detect_mode(&samples),
+                m => m,
+            });
+            match mode {
+                ProofMode::ConfigHash | ProofMode::Auto => {
+                    let seen = metrics::config_hash(&samples, hash);
+                    // The hash metric is set at startup too. Reload metrics
+                    // appear only after a first reload, so their absence
+                    // proves nothing at first; but past one reload period
+                    // (kube-apiserver polls every minute) without the new
+                    // hash and without them, automatic reload is most likely
+                    // off and only a restart brings the file in: say so once.
+                    if seen != Observation::Proven
+                        && !metrics::has_reload_metrics(&samples)
+                        && !w.told
+                        && w.since.elapsed() > RELOAD_GRACE
+                    {
+                        w.told = true;
+                        notify(format!(
+                            "restart kube-apiserver on {} now: it shows no automatic-reload metrics, so it reads {} only after a restart",
+                            host.name,
+                            host.encryption_config.display()
+                        ));
+                    }
+                    seen
+                }
+                ProofMode::Reload => metrics::reload_after(&samples, *since),
+                ProofMode::Restart => {
+                    if !w.told {
+                        w.told = true;
+                        notify(format!(
+                            "restart kube-apiserver on {} now: it has no reload metrics, so it reads {} only after a restart",
+                            host.name,
+                            host.encryption_config.display()
+                        ));
+                    }
+                    let ready = api.ready().await.unwrap_or(false);
+                    if !ready {
+                        w.saw_down = true;
+                        return Observation::Waiting("not ready (restarting?)".into());
+                    }
+                    match metrics::process_start(&samples) {
+                        Some(start) if start >= *since => Observation::Proven,
+                        Some(start) => Observation::Waiting(format!(
+                            "ready, but running since unix time {start:.0}, before the write: restart it"
+                        )),
+                        None if w.saw_down => Observation::Proven,
+                        None => Observation::Waiting(
+                            "ready, not yet seen restarting: restart it".into(),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits until every apiserver proves `wanted`. `notify` receives messages
+/// for the operator (restart requests).
+pub async fn wait_all(
+    apis: &[Apiserver],
+    hosts: &[Host],
+    wanted: &Wanted,
+    settings: ProofSettings,
+    notify: &mut dyn FnMut(String),
+) -> Result<BTreeMap<String, &'static str>, ProofTimeout> {
+    let start = Instant::now();
+    let mut watch: Vec<HostWatch> = hosts
+        .iter()
+        .map(|_| HostWatch {
+            since: Instant::now(),
+            mode: None,
+            proven: false,
+            shows: String::new(),
+            told: false,
+            saw_down: false,
+        })
+        .collect();
+    loop {
+        for ((api, host), w) in apis.iter().zip(hosts).zip(watch.iter_mut()) {
+            if w.proven {
+                continue;
+            }
+            match observe(api, host, w, wanted, notify).await {
+                Observation::Proven => w.proven = true,
+                Observation::Waiting(shows) => w.shows = shows,
+            }
+        }
+        if watch.iter().all(|w| w.proven) {
+            let modes = hosts
+                .iter()
+                .zip(&watch)
+                .map(|(h, w)| {
+                    (
+                        h.name.clone(),
+                        w.mode.map(ProofMode::as_str).unwrap_or("key-id"),
+                    )
+                })
+                .collect();
+            return Ok(modes);
+        }
+        if start.elapsed() >= settings.timeout {
+            let what = match wanted {
+                Wanted::Config { hash, .. } => format!("run config {hash}"),
+                Wanted::KeyId { key_id_hash } => format!("see KMS key_id {key_id_hash}"),
+            };
+            return Err(ProofTimeout {
+                what,
+                waited: start.elapsed(),
+                lagging: hosts
+                    .iter()
+                    .zip(&watch)
+                    .filter(|(_, w)| !w.proven)
+                    .map(|(h, w)| {
+                        (
+                            h.name.clone(),
+                            w.mode.map(ProofMode::as_str).unwrap_or("key-id"),
+                            w.shows.clone(),
+                        )
+                    })
+                    .collect(),
+            });
+        }
+        tokio::time::sleep(settings.poll).await;
+    }
+}

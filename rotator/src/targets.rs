@@ -1,0 +1,452 @@
+//! The rotator's own config file: which control-plane hosts to change, where
+//! their files are, how to reach their apiservers, and how to reach etcd for
+//! the final audit. Strict YAML (unknown fields are errors); every error names
+//! the field.
+//!
+//! ```yaml
+//! hosts:
+//!   - name: cp1
+//!     encryptionConfig: /etc/kubernetes/enc/config.yaml
+//!     keyring: /etc/kubernetes/kms/keyring      # only for rotate-kek
+//!     apiserver:
+//!       url: https://10.0.0.1:6443              # with tokenFile / token, or
+//!       tokenFile: /etc/rotator/token
+//!       # kubeconfig: /root/.kube/config        # instead of url
+//!       # context: admin@cp1
+//!     proof: auto          # auto | config-hash | reload | restart
+//! etcd:
+//!   endpoints: [https://10.0.0.1:2379]
+//!   cacert: /etc/kubernetes/pki/etcd/ca.crt
+//!   cert: /etc/kubernetes/pki/apiserver-etcd-client.crt
+//!   key: /etc/kubernetes/pki/apiserver-etcd-client.key
+//!   prefix: /registry
+//! kmsPlugin: /usr/local/bin/kms-plugin          # default: beside rotator, else PATH
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::SecretText;
+
+/// How the rotator proves an apiserver runs a new config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProofMode {
+    /// Pick the best the apiserver offers (config hash metric, then reload
+    /// metrics, then a restart).
+    #[default]
+    Auto,
+    /// `apiserver_encryption_config_controller_last_config_info{hash}` (1.34+).
+    ConfigHash,
+    /// A successful automatic reload after the write (1.28+ metrics).
+    Reload,
+    /// The operator restarts the apiserver; proof is readiness after it.
+    Restart,
+}
+
+impl ProofMode {
+    /// The name used in the config file and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::ConfigHash => "config-hash",
+            Self::Reload => "reload",
+            Self::Restart => "restart",
+        }
+    }
+}
+
+/// How to reach one apiserver.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ApiserverAccess {
+    /// A URL (http or https) with an optional bearer token.
+    Url {
+        /// Base URL, e.g. `https://10.0.0.1:6443`.
+        url: String,
+        /// Bearer token (from `token` or `tokenFile`).
+        token: Option<SecretText>,
+        /// PEM CA bundle to trust for https.
+        ca_file: Option<PathBuf>,
+    },
+    /// A kubeconfig file and optional context.
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// Context name (default: the file's current context).
+        context: Option<String>,
+    },
+}
+
+impl fmt::Debug for ApiserverAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Url {
+                url,
+                token,
+                ca_file,
+            } => f
+                .debug_struct("Url")
+                .field("url", url)
+                .field("token", &token.as_ref().map(|_| "<redacted>"))
+                .field("ca_file", ca_file)
+                .finish(),
+            Self::Kubeconfig { path, context } => f
+                .debug_struct("Kubeconfig")
+                .field("path", path)
+                .field("context", context)
+                .finish(),
+        }
+    }
+}
+
+/// One control-plane host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// Name used in messages and the state file.
+    pub name: String,
+    /// The file kube-apiserver reads with `--encryption-provider-config`.
+    pub encryption_config: PathBuf,
+    /// The kms-plugin keyring file (needed for `rotate-kek`).
+    pub keyring: Option<PathBuf>,
+    /// How to reach this host's apiserver.
+    pub apiserver: ApiserverAccess,
+    /// How to prove this apiserver runs a new config.
+    pub proof: ProofMode,
+}
+
+/// How to reach etcd for the final audit (read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTarget {
+    /// Endpoints, like etcdctl's.
+    pub endpoints: Vec<String>,
+    /// CA bundle.
+    pub cacert: Option<PathBuf>,
+    /// Client certificate.
+    pub cert: Option<PathBuf>,
+    /// Client key.
+    pub key: Option<PathBuf>,
+    /// kube-apiserver's `--etcd-prefix`.
+    pub prefix: String,
+}
+
+/// The validated rotator config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// Control-plane hosts, in the order stages visit them.
+    pub hosts: Vec<Host>,
+    /// etcd, for the audit gate.
+    pub etcd: EtcdTarget,
+    /// The kms-plugin binary, when the config names one.
+    pub kms_plugin: Option<PathBuf>,
+}
+
+/// A rotator config that cannot be used. Names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetsError {
+    /// The file could not be read.
+    #[error("cannot read rotator config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML does not have the expected shape (unknown field, wrong type).
+    #[error("rotator config {path}: {message}")]
+    Yaml {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A field has a bad value.
+    #[error("rotator config {path}: {field}: {message}")]
+    Field {
+        /// The file.
+        path: PathBuf,
+        /// The field path, e.g. `hosts[1].apiserver.url`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTargets {
+    hosts: Vec<RawHost>,
+    etcd: RawEtcd,
+    kms_plugin: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHost {
+    name: String,
+    encryption_config: PathBuf,
+    keyring: Option<PathBuf>,
+    apiserver: RawApiserver,
+    #[serde(default)]
+    proof: ProofMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawApiserver {
+    url: Option<String>,
+    token: Option<SecretText>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawEtcd {
+    endpoints: Vec<String>,
+    cacert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    prefix: Option<String>,
+}
+
+impl Targets {
+    /// Reads and validates the rotator config at `path`. Relative paths inside
+    /// it are taken relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, TargetsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TargetsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    /// Parses config text; `path` is only used in messages, `base` resolves relative paths.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, TargetsError> {
+        let options = serde_saphyr::options! { with_snippet: false };
+        let raw: RawTargets =
+            serde_saphyr::from_str_with_options(text, options).map_err(|e| TargetsError::Yaml {
+                path: path.to_owned(),
+                message: e.without_snippet().to_string(),
+            })?;
+        let field = |field: String, message: &str| TargetsError::Field {
+            path: path.to_owned(),
+            field,
+            message: message.to_owned(),
+        };
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        if raw.hosts.is_empty() {
+            return Err(field(
+                "hosts".into(),
+                "list at least one control-plane host",
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut hosts = Vec::new();
+        for (i, h) in raw.hosts.into_iter().enumerate() {
+            let at = |f: &str| format!("hosts[{i}].{f}");
+            if h.name.is_empty() || h.name.contains(char::is_whitespace) {
+                return Err(field(at("name"), "must be a non-empty name without spaces"));
+            }
+            if !names.insert(h.name.clone()) {
+                return Err(field(at("name"), &format!("{:?} is used twice", h.name)));
+            }
+            let a = h.apiserver;
+            let apiserver = match (a.url, a.kubeconfig) {
+                (Some(_), Some(_)) => {
+                    return Err(field(
+                        at("apiserver"),
+                        "give either url or kubeconfig, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(field(
+                        at("apiserver"),
+                        "give url (with token or tokenFile) or kubeconfig",
+                    ));
+                }
+                (Some(url), None) => {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(field(
+                            at("apiserver.url"),
+                            "must start with http:// or https://",
+                        ));
+                    }
+                    if url.parse::<http::Uri>().is_err() {
+                        return Err(field(at("apiserver.url"), "is not a valid URL"));
+                    }
+                    if a.context.is_some() {
+                        return Err(field(at("apiserver.context"), "only goes with kubeconfig"));
+                    }
+                    let token = match (a.token, a.token_file) {
+                        (Some(_), Some(_)) => {
+                            return Err(field(
+                                at("apiserver.token"),
+                                "give token or tokenFile, not both",
+                            ));
+                        }
+                        (Some(t), None) => Some(t),
+                        (None, Some(f)) => {
+                            let f = abs(f);
+                            let text = std::fs::read_to_string(&f).map_err(|e| {
+                                field(
+                                    at("apiserver.tokenFile"),
+                                    &format!("cannot read {}: {e}", f.display()),
+                                )
+                            })?;
+                            Some(SecretText::new(text.trim().to_owned()))
+                        }
+                        (None, None) => None,
+                    };
+                    ApiserverAccess::Url {
+                        url: url.trim_end_matches('/').to_owned(),
+                        token,
+                        ca_file: a.ca_file.map(abs),
+                    }
+                }
+                (None, Some(kc)) => {
+                    if a.token.is_some() || a.token_file.is_some() || a.ca_file.is_some() {
+                        return Err(field(
+                            at("apiserver"),
+                            "token, tokenFile and caFile only go with url (a kubeconfig carries its own)",
+                        ));
+                    }
+                    ApiserverAccess::Kubeconfig {
+                        path: abs(kc),
+                        context: a.context,
+                    }
+                }
+            };
+            hosts.push(Host {
+                name: h.name,
+                encryption_config: abs(h.encryption_config),
+                keyring: h.keyring.map(abs),
+                apiserver,
+                proof: h.proof,
+            });
+        }
+        let paths: BTreeSet<&PathBuf> = hosts.iter().map(|h| &h.encryption_config).collect();
+        if paths.len() != hosts.len() {
+            return Err(field(
+                "hosts".into(),
+                "two hosts name the same encryptionConfig path",
+            ));
+        }
+        let e = raw.etcd;
+        if e.endpoints.is_empty() {
+            return Err(field("etcd.endpoints".into(), "list at least one endpoint"));
+        }
+        if e.cert.is_some() != e.key.is_some() {
+            return Err(field("etcd.cert".into(), "cert and key go together"));
+        }
+        let prefix = e
+            .prefix
+            .unwrap_or_else(|| "/registry".into())
+            .trim_end_matches('/')
+            .to_owned();
+        if !prefix.starts_with('/') {
+            return Err(field("etcd.prefix".into(), "must start with /"));
+        }
+        Ok(Targets {
+            hosts,
+            etcd: EtcdTarget {
+                endpoints: e.endpoints,
+                cacert: e.cacert.map(abs),
+                cert: e.cert.map(abs),
+                key: e.key.map(abs),
+                prefix,
+            },
+            kms_plugin: raw.kms_plugin.map(abs),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Targets, String> {
+        Targets::parse(text, Path::new("r.yaml"), Path::new("/base")).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = "
+hosts:
+  - name: cp1
+    encryptionConfig: /etc/enc.yaml
+    keyring: kr
+    apiserver: { url: 'http://127.0.0.1:6443/', token: sekrit-token-value }
+    proof: config-hash
+  - name: cp2
+    encryptionConfig: enc2.yaml
+    apiserver: { kubeconfig: kc, context: admin }
+etcd:
+  endpoints: [http://127.0.0.1:2379]
+";
+
+    #[test]
+    fn parses_a_good_config() {
+        let t = parse(GOOD).unwrap();
+        assert_eq!(t.hosts.len(), 2);
+        assert_eq!(t.hosts[0].keyring.as_deref(), Some(Path::new("/base/kr")));
+        assert_eq!(t.hosts[1].encryption_config, Path::new("/base/enc2.yaml"));
+        assert_eq!(t.hosts[0].proof, ProofMode::ConfigHash);
+        assert_eq!(t.hosts[1].proof, ProofMode::Auto);
+        assert_eq!(t.etcd.prefix, "/registry");
+        match &t.hosts[0].apiserver {
+            ApiserverAccess::Url { url, token, .. } => {
+                assert_eq!(url, "http://127.0.0.1:6443");
+                assert_eq!(token.as_ref().unwrap().expose(), "sekrit-token-value");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The token never shows in Debug output.
+        assert!(!format!("{t:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse(&GOOD.replace("proof: config-hash", "proof: maybe")).unwrap_err();
+        assert!(e.contains("proof") || e.contains("maybe"), "{e}");
+        let e = parse(&GOOD.replace("keyring: kr", "keyrng: kr")).unwrap_err();
+        assert!(e.contains("keyrng"), "{e}");
+        let e = parse(&GOOD.replace("name: cp2", "name: cp1")).unwrap_err();
+        assert!(e.contains("hosts[1].name"), "{e}");
+        let e = parse(&GOOD.replace("'http://127.0.0.1:6443/'", "ftp://x")).unwrap_err();
+        assert!(e.contains("hosts[0].apiserver.url"), "{e}");
+        let e = parse(&GOOD.replace(
+            "{ kubeconfig: kc, context: admin }",
+            "{ kubeconfig: kc, token: t }",
+        ))
+        .unwrap_err();
+        assert!(e.contains("hosts[1].apiserver"), "{e}");
+        let e = parse(&GOOD.replace("[http://127.0.0.1:2379]", "[]")).unwrap_err();
+        assert!(e.contains("etcd.endpoints"), "{e}");
+        let e = parse("hosts: []\netcd: {endpoints: [x]}\n").unwrap_err();
+        assert!(e.contains("hosts"), "{e}");
+    }
+
+    #[test]
+    fn token_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "abc\n").unwrap();
+        let text = GOOD.replace("token: sekrit-token-value", "tokenFile: tok");
+        let t = Targets::parse(&text, Path::new("r.yaml"), dir.path()).unwrap();
+        match &t.hosts[0].apiserver {
+            ApiserverAccess::Url { token, .. } => {
+                assert_eq!(token.as_ref().unwrap().expose(), "abc")
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = GOOD.replace("token: sekrit-token-value", "tokenFile: nope");
+        let e = Targets::parse(&missing, Path::new("r.yaml"), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hosts[0].apiserver.tokenFile"), "{e}");
+    }
+}
