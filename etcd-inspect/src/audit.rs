@@ -354,21 +354,9 @@ impl Auditor {
     }
 }
 
-fn kind_of(k: storage_encryption::ProviderKind) -> ProviderKind {
-    use storage_encryption::ProviderKind as S;
-    match k {
-        S::Identity => ProviderKind::Identity,
-        S::AesCbc => ProviderKind::Aescbc,
-        S::AesGcm => ProviderKind::Aesgcm,
-        S::Secretbox => ProviderKind::Secretbox,
-        S::KmsV1 => ProviderKind::KmsV1,
-        S::KmsV2 => ProviderKind::KmsV2,
-    }
-}
-
 /// What the value says it is stored with.
 fn actual_provider(c: &Classification, config: Option<&EncryptionConfiguration>) -> ProviderRef {
-    let kind = c.provider_kind().map(kind_of);
+    let kind = c.provider_kind();
     let name = match c {
         // A v1 provider name may contain ':': prefer a configured name that fits.
         Classification::KmsV1 {
@@ -410,8 +398,8 @@ fn expected_provider(first: Option<&ProviderConfig>) -> ProviderRef {
         },
         Some(p) => ProviderRef {
             provider: Some(match p {
-                ProviderConfig::AesCbc(_) => ProviderKind::Aescbc,
-                ProviderConfig::AesGcm(_) => ProviderKind::Aesgcm,
+                ProviderConfig::AesCbc(_) => ProviderKind::AesCbc,
+                ProviderConfig::AesGcm(_) => ProviderKind::AesGcm,
                 _ => ProviderKind::Secretbox,
             }),
             provider_name: None,

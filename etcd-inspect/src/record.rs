@@ -6,43 +6,9 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-/// The provider type that wrote a value (`identity` for plaintext).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProviderKind {
-    /// Plaintext.
-    Identity,
-    /// `k8s:enc:aescbc:v1:`.
-    Aescbc,
-    /// `k8s:enc:aesgcm:v1:`.
-    Aesgcm,
-    /// `k8s:enc:secretbox:v1:`.
-    Secretbox,
-    /// `k8s:enc:kms:v1:`.
-    KmsV1,
-    /// `k8s:enc:kms:v2:`.
-    KmsV2,
-}
-
-impl ProviderKind {
-    /// The name used in reports and JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Identity => "identity",
-            ProviderKind::Aescbc => "aescbc",
-            ProviderKind::Aesgcm => "aesgcm",
-            ProviderKind::Secretbox => "secretbox",
-            ProviderKind::KmsV1 => "kms-v1",
-            ProviderKind::KmsV2 => "kms-v2",
-        }
-    }
-}
-
-impl fmt::Display for ProviderKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The provider type that wrote a value (`identity` for plaintext); its
+/// report name is `identity|aescbc|aesgcm|secretbox|kms-v1|kms-v2`.
+pub use storage_encryption::ProviderKind;
 
 /// What the audit concluded about one value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -209,8 +175,8 @@ mod tests {
     fn provider_names_match_the_json_vocabulary() {
         for (p, s) in [
             (ProviderKind::Identity, "identity"),
-            (ProviderKind::Aescbc, "aescbc"),
-            (ProviderKind::Aesgcm, "aesgcm"),
+            (ProviderKind::AesCbc, "aescbc"),
+            (ProviderKind::AesGcm, "aesgcm"),
             (ProviderKind::Secretbox, "secretbox"),
             (ProviderKind::KmsV1, "kms-v1"),
             (ProviderKind::KmsV2, "kms-v2"),

@@ -82,3 +82,10 @@ pub fn strip<'v>(value: &'v [u8], kind: ProviderKind, name: &str) -> Option<&'v 
     let rest = rest.strip_prefix(name.as_bytes())?;
     rest.strip_prefix(b":")
 }
+
+/// Serialized as its report name (`identity`, `aescbc`, ..., `kms-v2`).
+impl serde::Serialize for ProviderKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
