@@ -73,7 +73,13 @@ struct HostWatch {
     told: bool,
     /// Restart mode without a start-time metric: saw it down or not ready.
     saw_down: bool,
+    /// The operator was told that the run waits for this apiserver.
+    named: bool,
 }
+
+/// How long the run waits for an apiserver before saying which one it waits
+/// for (sooner when every other apiserver has proven the stage).
+const NAME_LAGGARD_AFTER: Duration = Duration::from_secs(10);
 
 async fn observe(
     api: &Apiserver,
@@ -169,6 +175,7 @@ pub async fn wait_all(
             shows: String::new(),
             told: false,
             saw_down: false,
+            named: false,
         })
         .collect();
     loop {
@@ -179,6 +186,26 @@ pub async fn wait_all(
             match observe(api, host, w, wanted, notify).await {
                 Observation::Proven => w.proven = true,
                 Observation::Waiting(shows) => w.shows = shows,
+            }
+        }
+        // An operator watching a slow run should learn which apiserver holds it up,
+        // not only when the timeout ends it.
+        let unproven = watch.iter().filter(|w| !w.proven).count();
+        for (host, w) in hosts.iter().zip(watch.iter_mut()) {
+            if !w.proven
+                && !w.named
+                && start.elapsed() >= settings.poll * 5
+                && (unproven < hosts.len() || start.elapsed() >= NAME_LAGGARD_AFTER)
+            {
+                w.named = true;
+                notify(format!(
+                    "waiting for {}",
+                    lagging_words(&[(
+                        host.name.clone(),
+                        w.mode.map(ProofMode::as_str).unwrap_or("key-id"),
+                        w.shows.clone(),
+                    )])
+                ));
             }
         }
         if watch.iter().all(|w| w.proven) {

@@ -261,6 +261,39 @@ impl EtcdServer {
     pub fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> i64 {
         self.put_all(&[(key, value)])
     }
+
+    /// Kills etcd (SIGKILL, like a crash), keeps it down for `down_for`, then
+    /// starts it again with the same command line (same data dir and ports) and
+    /// waits until it answers. For tests of clients surviving an etcd outage.
+    pub fn restart(&mut self, down_for: Duration) {
+        // The command line is read back from /proc so start() need not keep it.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.child.id()))
+            .expect("read etcd's /proc/PID/cmdline (is etcd still running?)");
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .skip(1)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("open etcd.log for appending");
+        self.child = Command::new(ETCD_BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("restart {ETCD_BIN}: {e}"));
+        if let Err(e) = self.wait_healthy() {
+            panic!("etcd did not come back after a restart: {e}");
+        }
+    }
 }
 
 /// Puts `kvs` through `client` in transactions of up to 100 operations
