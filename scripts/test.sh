@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # End-to-end tests run the workspace binaries as child processes: build them first.
 cargo build --workspace --bins --locked
-cargo nextest run --workspace --locked --no-fail-fast
 cargo test --workspace --doc --locked
+# Last, so its summary closes the run.
+cargo nextest run --workspace --locked --no-fail-fast
