@@ -378,14 +378,9 @@ async fn put_one(
             m.insert("kind".into(), target.kind.clone().into());
         }
         let body = serde_json::to_vec(&obj).map_err(|e| fail(e.to_string()))?;
-        let r = match api.request(http::Method::PUT, &path, Some(body)).await {
-            Ok(r) => r,
-            Err(ApiError::Transport { .. }) => {
-                counters.retried.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(backoff(attempt)).await;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
+        let Some(r) = send(api, http::Method::PUT, &path, Some(body), counters, attempt).await?
+        else {
+            continue;
         };
         match r.status {
             200 | 201 => return Ok(PutOutcome::Updated),
@@ -393,14 +388,9 @@ async fn put_one(
             409 => {
                 counters.conflicts.fetch_add(1, Ordering::Relaxed);
                 // Someone changed it since the list: take the current object and try again.
-                let g = match api.request(http::Method::GET, &path, None).await {
-                    Ok(g) => g,
-                    Err(ApiError::Transport { .. }) => {
-                        counters.retried.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(backoff(attempt)).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
+                let Some(g) = send(api, http::Method::GET, &path, None, counters, attempt).await?
+                else {
+                    continue;
                 };
                 match g.status {
                     200 => {
@@ -433,6 +423,28 @@ async fn put_one(
     }
 }
 
+/// Sends one request. A transport error (connection refused or reset, etcd
+/// behind the apiserver restarting) counts as a retry and backs off: `None`
+/// tells the caller to try again. Any HTTP status is returned to the caller.
+async fn send(
+    api: &Apiserver,
+    method: http::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    counters: &Counters,
+    attempt: u32,
+) -> Result<Option<crate::apiserver::Response>, RewriteError> {
+    match api.request(method, path, body).await {
+        Ok(r) => Ok(Some(r)),
+        Err(ApiError::Transport { .. }) => {
+            counters.retried.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(backoff(attempt)).await;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 struct Page {
     items: Vec<serde_json::Value>,
     next: Option<String>,
@@ -457,14 +469,8 @@ async fn list_page(
         if attempt > max_attempts {
             return Err(bad(format!("gave up after {max_attempts} attempts")));
         }
-        let r = match api.request(http::Method::GET, path, None).await {
-            Ok(r) => r,
-            Err(ApiError::Transport { .. }) => {
-                counters.retried.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(backoff(attempt)).await;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
+        let Some(r) = send(api, http::Method::GET, path, None, counters, attempt).await? else {
+            continue;
         };
         match r.status {
             200 => {
