@@ -1,6 +1,6 @@
-//! Test kit: runs the `kube-apiserver-standin` binary as a child process on a
-//! free loopback port (it prints `listening on ADDR` first), logs to a file,
-//! killed on drop.
+//! Test kit for the kube-apiserver stand-in (the `kube-apiserver-standin`
+//! crate, tests only): runs its binary as a child process on a free loopback
+//! port (it prints `listening on ADDR` first), logs to a file, killed on drop.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

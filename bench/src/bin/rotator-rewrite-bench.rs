@@ -5,8 +5,8 @@
 //! Prints objects/s and the peak RSS of the rewrite (this process).
 //!
 //! ```text
-//! cargo build --release -p atrest-tests --bin kube-apiserver-standin
-//! cargo run --release -p rotator --example rewrite_bench -- [OBJECTS] [STANDIN_BIN]
+//! cargo build --release -p kube-apiserver-standin
+//! cargo run --release -p atrest-bench --bin rotator-rewrite-bench -- [OBJECTS] [STANDIN_BIN]
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -82,12 +82,9 @@ async fn main() {
         .map(|a| a.parse().expect("OBJECTS is a number"))
         .unwrap_or(2000);
     let standin_bin = args.get(2).map(PathBuf::from).unwrap_or_else(|| {
+        // Beside this binary (target/<profile>/).
         let exe = std::env::current_exe().unwrap();
-        exe.parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("kube-apiserver-standin")
+        exe.parent().unwrap().join("kube-apiserver-standin")
     });
     assert!(
         standin_bin.is_file(),

@@ -1,10 +1,11 @@
 //! `kube-apiserver-standin`: a stand-in for kube-apiserver, for tests only.
-//! See `atrest_tests::standin` for what it serves and how it stores objects.
+//! See the crate docs (`kube_apiserver_standin`) for what it serves and how it
+//! stores objects.
 
 use std::process::ExitCode;
 
-use atrest_tests::standin::{Args, Config, run};
 use clap::Parser;
+use kube_apiserver_standin::{Args, Config, run};
 
 fn main() -> ExitCode {
     let args = Args::parse();

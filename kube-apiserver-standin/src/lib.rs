@@ -2,7 +2,7 @@
 //!
 //! kube-apiserver cannot run on the test machines, so the rotator's tests talk
 //! to this small **stand-in**: the binary `kube-apiserver-standin`
-//! (src/bin/kube-apiserver-standin.rs; flags in [`flags::Args`]). It serves only
+//! (src/main.rs; flags in [`flags::Args`]). It serves only
 //! what the rotator uses, with Kubernetes' JSON wire shapes (enough for the
 //! `kube` crate's `Api<Secret>`, `Api<DynamicObject>` and discovery):
 //!
@@ -27,8 +27,8 @@
 //!
 //! Modules: [`flags`] (CLI → [`Config`]), [`api`] (HTTP), [`store`] (etcd),
 //! [`encryption`] + [`kms`] (transformers), [`reload`] (config file controller),
-//! [`metrics`], [`resources`] (served resources, discovery), [`apierror`] (`Status`);
-//! [`process`] is the test kit that runs the binary ([`StandinProcess`]).
+//! [`metrics`], [`resources`] (served resources, discovery), [`apierror`] (`Status`).
+//! The test kit that runs the binary is `atrest_tests::standin::StandinProcess`.
 
 pub mod api;
 pub mod apierror;
@@ -36,7 +36,6 @@ pub mod encryption;
 pub mod flags;
 pub mod kms;
 pub mod metrics;
-pub mod process;
 pub mod reload;
 pub mod resources;
 pub mod store;
@@ -45,7 +44,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use flags::{Args, Config};
-pub use process::StandinProcess;
 
 /// Why the stand-in stopped with an error.
 #[derive(Debug, thiserror::Error)]
