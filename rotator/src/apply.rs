@@ -5,6 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use zeroize::Zeroizing;
+
 use storage_encryption::{EncryptionConfiguration, config_file_hash, key_id_hash};
 
 use crate::apiserver::{ApiError, Apiserver};
@@ -16,7 +20,7 @@ use crate::proof::{self, ProofSettings, ProofTimeout, Wanted};
 use crate::rewrite::{self, RewriteError, RewriteSettings};
 use crate::secret::SecretText;
 use crate::state::{State, StateError, Step, now};
-use crate::targets::Targets;
+use crate::targets::{Host, Targets};
 
 /// Everything `apply` and `resume` need besides the targets.
 #[derive(Debug, Clone)]
@@ -112,6 +116,10 @@ pub enum ApplyError {
     /// Something the state says cannot be (a bug or a hand-edited state file).
     #[error("state file inconsistent: {0}")]
     Inconsistent(String),
+    /// Blocking work run off the async workers (the kms-plugin CLI) panicked
+    /// or was cancelled.
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Documented exit codes (see `rotator --help`).
@@ -138,6 +146,7 @@ impl ApplyError {
             Self::GateRefused { .. } => exit::GATE_REFUSED,
             Self::Proof { .. } => exit::PROOF_TIMEOUT,
             Self::Drift { .. } | Self::StateConflict(_) | Self::Inconsistent(_) => exit::STATE,
+            Self::State(e) if e.is_conflict() => exit::STATE,
             _ => exit::FAILURE,
         }
     }
@@ -170,31 +179,67 @@ fn read_opt(host: &str, path: &Path) -> Result<Option<Vec<u8>>, ApplyError> {
     }
 }
 
-/// Reads every host's config (they must be identical) and, for `rotate-kek`,
-/// checks every keyring copy is identical and lists the first.
-pub fn gather(targets: &Targets, op: &Operation, cli: &KeyringCli) -> Result<Inputs, ApplyError> {
-    let mut first: Option<(String, Option<zeroize::Zeroizing<Vec<u8>>>)> = None;
-    for h in &targets.hosts {
-        let bytes = read_opt(&h.name, &h.encryption_config)?.map(zeroize::Zeroizing::new);
-        match &first {
-            None => first = Some((h.name.clone(), bytes)),
-            Some((name, b)) if *b != bytes => {
-                return Err(ApplyError::Drift {
-                    message: format!(
-                        "hosts {name} and {} have different EncryptionConfiguration files ({}); make them identical first",
-                        h.name,
-                        h.encryption_config.display()
-                    ),
-                });
-            }
-            Some(_) => {}
+/// The file `path_of` names on every host, which must be byte-identical
+/// everywhere (`None` when no host has it). `what` names it in messages.
+fn same_on_every_host(
+    targets: &Targets,
+    what: &str,
+    path_of: impl Fn(&Host) -> Result<&Path, ApplyError>,
+) -> Result<Option<Zeroizing<Vec<u8>>>, ApplyError> {
+    let first = targets.first();
+    let first_path = path_of(first)?;
+    let bytes = read_opt(&first.name, first_path)?.map(Zeroizing::new);
+    for h in targets.others() {
+        let path = path_of(h)?;
+        if read_opt(&h.name, path)?.map(Zeroizing::new) != bytes {
+            return Err(ApplyError::Drift {
+                message: format!(
+                    "the {what} files of hosts {} ({}) and {} ({}) differ; make them identical first",
+                    first.name,
+                    first_path.display(),
+                    h.name,
+                    path.display()
+                ),
+            });
         }
     }
-    let raw = first.and_then(|(_, b)| b);
+    Ok(bytes)
+}
+
+/// A host's keyring path (needed by `rotate-kek`).
+fn keyring_of(h: &Host) -> Result<&Path, ApplyError> {
+    h.keyring.as_deref().ok_or_else(|| ApplyError::Drift {
+        message: format!(
+            "rotate-kek: host {} has no keyring path in the rotator config",
+            h.name
+        ),
+    })
+}
+
+/// The kms-plugin CLI, run off the async workers (it waits for a child process).
+async fn keyring_cli<T: Send + 'static>(
+    cli: &KeyringCli,
+    keyring: &Path,
+    call: impl FnOnce(&KeyringCli, &Path) -> Result<T, KeyringError> + Send + 'static,
+) -> Result<T, ApplyError> {
+    let (cli, keyring) = (cli.clone(), keyring.to_owned());
+    Ok(tokio::task::spawn_blocking(move || call(&cli, &keyring)).await??)
+}
+
+/// Reads every host's config (they must be identical) and, for `rotate-kek`,
+/// checks every keyring copy is identical and lists the first.
+pub async fn gather(
+    targets: &Targets,
+    op: &Operation,
+    cli: &KeyringCli,
+) -> Result<Inputs, ApplyError> {
+    let raw = same_on_every_host(targets, "EncryptionConfiguration", |h| {
+        Ok(&h.encryption_config)
+    })?;
     let (raw, config) = match raw {
         None => (None, None),
         Some(bytes) => {
-            let h = &targets.hosts[0];
+            let h = targets.first();
             let config = EncryptionConfiguration::parse_bytes(&bytes).map_err(|source| {
                 ApplyError::HostConfig {
                     host: h.name.clone(),
@@ -211,41 +256,18 @@ pub fn gather(targets: &Targets, op: &Operation, cli: &KeyringCli) -> Result<Inp
         }
     };
     let keyring = if matches!(op, Operation::RotateKek) {
-        let mut first: Option<(String, zeroize::Zeroizing<Vec<u8>>)> = None;
-        for h in &targets.hosts {
-            let Some(path) = &h.keyring else {
-                return Err(ApplyError::Drift {
-                    message: format!(
-                        "rotate-kek: host {} has no keyring path in the rotator config",
-                        h.name
-                    ),
-                });
-            };
-            let bytes = zeroize::Zeroizing::new(read_opt(&h.name, path)?.ok_or_else(|| {
-                ApplyError::Drift {
-                    message: format!(
-                        "rotate-kek: keyring {} of host {} does not exist",
-                        path.display(),
-                        h.name
-                    ),
-                }
-            })?);
-            match &first {
-                None => first = Some((h.name.clone(), bytes)),
-                Some((name, b)) if *b != bytes => {
-                    return Err(ApplyError::Drift {
-                        message: format!(
-                            "keyrings of hosts {name} and {} differ ({}); copy one to every host first",
-                            h.name,
-                            path.display()
-                        ),
-                    });
-                }
-                Some(_) => {}
-            }
+        if same_on_every_host(targets, "keyring", keyring_of)?.is_none() {
+            let h = targets.first();
+            return Err(ApplyError::Drift {
+                message: format!(
+                    "rotate-kek: keyring {} of host {} does not exist",
+                    keyring_of(h)?.display(),
+                    h.name
+                ),
+            });
         }
-        let path = targets.hosts[0].keyring.as_deref().unwrap_or(Path::new(""));
-        Some(cli.list(path)?)
+        let path = keyring_of(targets.first())?;
+        Some(keyring_cli(cli, path, |c, p| c.list(p)).await?)
     } else {
         None
     };
@@ -257,8 +279,12 @@ pub fn gather(targets: &Targets, op: &Operation, cli: &KeyringCli) -> Result<Inp
 }
 
 /// Makes the plan for `op` from what the hosts have, with fresh random keys.
-pub fn make_plan(targets: &Targets, op: &Operation, cli: &KeyringCli) -> Result<Plan, ApplyError> {
-    let inputs = gather(targets, op, cli)?;
+pub async fn make_plan(
+    targets: &Targets,
+    op: &Operation,
+    cli: &KeyringCli,
+) -> Result<Plan, ApplyError> {
+    let inputs = gather(targets, op, cli).await?;
     let mut plan = plan::build(
         op,
         inputs.config.as_ref(),
@@ -281,6 +307,8 @@ pub async fn apply(
     op: &Operation,
     settings: &ApplySettings,
 ) -> Result<State, ApplyError> {
+    // The lock comes first: two runs must never both see "no unfinished run".
+    let _lock = RunLock::acquire(&settings.state_path)?;
     if let Some(old) = State::load(&settings.state_path)?
         && !old.finished()
     {
@@ -292,8 +320,7 @@ pub async fn apply(
             old.plan.stages.len()
         )));
     }
-    let _lock = RunLock::acquire(&settings.state_path)?;
-    let plan = make_plan(targets, op, &settings.keyring_cli)?;
+    let plan = make_plan(targets, op, &settings.keyring_cli).await?;
     if settings.state_path.exists() {
         // Keep the finished run's file (it holds the keys it generated) beside the new one.
         let kept = PathBuf::from(format!(
@@ -310,7 +337,7 @@ pub async fn apply(
             kept.display()
         ));
     }
-    let mut state = State::new(plan, targets.hosts.iter().map(|h| h.name.clone()).collect());
+    let mut state = State::new(plan, targets.names());
     state.event(format!(
         "planned {} with {} stages",
         op.name(),
@@ -334,7 +361,7 @@ pub async fn resume(targets: &Targets, settings: &ApplySettings) -> Result<State
             settings.state_path.display()
         )));
     };
-    let names: Vec<String> = targets.hosts.iter().map(|h| h.name.clone()).collect();
+    let names = targets.names();
     if names != state.hosts {
         return Err(ApplyError::StateConflict(format!(
             "the run was planned for hosts {:?} but the rotator config lists {:?}",
@@ -349,53 +376,58 @@ pub async fn resume(targets: &Targets, settings: &ApplySettings) -> Result<State
     Ok(state)
 }
 
-/// `<state>.lock`: one run per state file at a time. A lock left by a killed
-/// run (its pid is gone) is taken over.
+/// `<state>.lock`, held with `flock(2)`: one run per state file at a time.
+/// The kernel drops the lock when the holder exits, however it exits, so a
+/// killed run leaves nothing stale to judge, and no pid is trusted. The file
+/// itself stays (removing it would let a third run lock a new file while a
+/// second still waits on the old one); it holds the holder's pid for people.
 #[derive(Debug)]
 struct RunLock {
-    path: PathBuf,
+    _held: Flock<std::fs::File>,
 }
 
 impl RunLock {
     fn acquire(state_path: &Path) -> Result<Self, ApplyError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
         let path = PathBuf::from(format!("{}.lock", state_path.display()));
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    let _ = writeln!(f, "{}", std::process::id());
-                    return Ok(RunLock { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let pid = std::fs::read_to_string(&path).unwrap_or_default();
-                    let pid = pid.trim();
-                    let alive = !pid.is_empty() && Path::new(&format!("/proc/{pid}")).exists();
-                    if alive {
-                        return Err(ApplyError::StateConflict(format!(
-                            "another rotator (pid {pid}) is running with {}; wait for it (or remove {} if it is gone)",
-                            state_path.display(),
-                            path.display()
-                        )));
-                    }
-                    let _ = std::fs::remove_file(&path);
-                }
-                Err(source) => return Err(fsio::WriteError { path, source }.into()),
+        let io_err = |source| fsio::WriteError {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err)?;
+        let mut held = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => held,
+            Err((mut file, Errno::EWOULDBLOCK)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid: String = pid.trim().chars().filter(char::is_ascii_digit).collect();
+                let who = if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                };
+                return Err(ApplyError::StateConflict(format!(
+                    "another rotator{who} is running with {} (it holds {}); wait for it to end",
+                    state_path.display(),
+                    path.display()
+                )));
             }
-        }
-        Err(ApplyError::StateConflict(format!(
-            "cannot take the lock {}",
-            path.display()
-        )))
-    }
-}
-
-impl Drop for RunLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+            Err((_, errno)) => return Err(io_err(std::io::Error::from(errno)).into()),
+        };
+        // For people only: the lock is the flock, not this number.
+        held.set_len(0)
+            .and_then(|()| held.rewind())
+            .and_then(|()| writeln!(*held, "{}", std::process::id()))
+            .map_err(io_err)?;
+        Ok(RunLock { _held: held })
     }
 }
 
@@ -410,7 +442,7 @@ async fn run(
     settings: &ApplySettings,
 ) -> Result<(), ApplyError> {
     let mut apis = Vec::new();
-    for h in &targets.hosts {
+    for h in targets.hosts() {
         apis.push(Apiserver::connect(h).await?);
     }
     let mut done_now = 0;
@@ -521,7 +553,7 @@ fn check_drift(
         .plan
         .config_before(index)
         .map(|t| config_file_hash(t.expose().as_bytes()));
-    for h in &targets.hosts {
+    for h in targets.hosts() {
         let found = read_opt(&h.name, &h.encryption_config)?.map(|b| config_file_hash(&b));
         if found.as_deref() == Some(new_hash) || found == before {
             continue;
@@ -541,29 +573,21 @@ fn check_drift(
     Ok(())
 }
 
-fn keyring_path(targets: &Targets, i: usize) -> Result<&Path, ApplyError> {
-    targets.hosts[i]
-        .keyring
-        .as_deref()
-        .ok_or_else(|| ApplyError::Drift {
-            message: format!("host {} has no keyring path", targets.hosts[i].name),
-        })
-}
-
 /// Copies the first host's keyring file to every other host.
 fn distribute_keyring(targets: &Targets, state: &mut State) -> Result<(), ApplyError> {
-    let src = keyring_path(targets, 0)?;
-    let bytes = zeroize::Zeroizing::new(std::fs::read(src).map_err(|source| ApplyError::Read {
-        host: targets.hosts[0].name.clone(),
+    let first = targets.first();
+    let src = keyring_of(first)?;
+    let bytes = Zeroizing::new(std::fs::read(src).map_err(|source| ApplyError::Read {
+        host: first.name.clone(),
         path: src.to_owned(),
         source,
     })?);
-    for i in 1..targets.hosts.len() {
-        let dst = keyring_path(targets, i)?;
+    for h in targets.others() {
+        let dst = keyring_of(h)?;
         if fsio::replace(dst, &bytes)? == Written::Replaced {
             state.event(format!(
                 "copied the keyring to {} ({})",
-                targets.hosts[i].name,
+                h.name,
                 dst.display()
             ));
         }
@@ -580,158 +604,209 @@ async fn do_action(
     settings: &ApplySettings,
 ) -> Result<(), ApplyError> {
     match action {
-        Action::WriteConfig { content, hash } => {
-            check_drift(targets, state, index, hash)?;
-            for h in &targets.hosts {
-                match fsio::replace(&h.encryption_config, content.expose().as_bytes())? {
-                    Written::Replaced => state.event(format!(
-                        "wrote {hash} to {} ({})",
-                        h.name,
-                        h.encryption_config.display()
-                    )),
-                    Written::Unchanged => state.event(format!("{} already has {hash}", h.name)),
-                }
-            }
-        }
+        Action::WriteConfig { content, hash } => write_config(targets, state, index, content, hash),
         Action::Keyring { step } => {
-            let cli = &settings.keyring_cli;
-            let k0 = keyring_path(targets, 0)?.to_owned();
             match step {
-                KeyringStep::AddKek => {
-                    let info = cli.list(&k0)?;
-                    if state.kek.keks_before_add.is_none() {
-                        let planned = state.plan.keyring.as_ref().map(|k| k.primary);
-                        if planned != Some(info.primary) {
-                            return Err(ApplyError::Drift {
-                                message: format!(
-                                    "keyring {} changed since the plan: primary KEK is {} (planned {:?})",
-                                    k0.display(),
-                                    info.primary,
-                                    planned
-                                ),
-                            });
-                        }
-                        let old = info
-                            .primary_kek()
-                            .cloned()
-                            .ok_or_else(|| ApplyError::Inconsistent("no primary KEK".into()))?;
-                        state.kek.keks_before_add = Some(info.keks.iter().map(|k| k.kek).collect());
-                        state.kek.old_kek = Some(old.kek);
-                        let mut ids = old.key_ids.clone();
-                        if let Some(id) = &old.key_id
-                            && !ids.contains(id)
-                        {
-                            ids.push(id.clone());
-                        }
-                        if ids.is_empty() {
-                            return Err(ApplyError::Inconsistent(format!(
-                                "the primary KEK {} has no key_id",
-                                old.kek
-                            )));
-                        }
-                        state.kek.old_key_ids = ids;
-                        state.save(&settings.state_path)?;
-                    }
-                    let before = state.kek.keks_before_add.clone().unwrap_or_default();
-                    // After a kill between `add` and the state write, the added KEK is already there.
-                    let added = info
-                        .keks
-                        .iter()
-                        .map(|k| k.kek)
-                        .find(|k| !before.contains(k));
-                    let new = match added {
-                        Some(k) => k,
-                        None => {
-                            cli.add(&k0)?;
-                            let info = cli.list(&k0)?;
-                            info.keks
-                                .iter()
-                                .map(|k| k.kek)
-                                .find(|k| !before.contains(k))
-                                .ok_or_else(|| {
-                                    ApplyError::Inconsistent(format!(
-                                        "`keyring add` on {} added no KEK",
-                                        k0.display()
-                                    ))
-                                })?
-                        }
-                    };
-                    state.kek.new_kek = Some(new);
-                    state.event(format!(
-                        "KEK {new} added (decrypt-only) on {}",
-                        targets.hosts[0].name
-                    ));
-                    state.save(&settings.state_path)?;
-                    distribute_keyring(targets, state)?;
-                }
-                KeyringStep::PromoteNewKek => {
-                    let new = state
-                        .kek
-                        .new_kek
-                        .ok_or_else(|| ApplyError::Inconsistent("no new KEK recorded".into()))?;
-                    let info = cli.list(&k0)?;
-                    if info.primary != new {
-                        cli.promote(&k0, new)?;
-                    }
-                    let info = cli.list(&k0)?;
-                    let key_id = info
-                        .kek(new)
-                        .and_then(|k| k.key_id.clone())
-                        .filter(|_| info.primary == new)
-                        .ok_or_else(|| {
-                            ApplyError::Inconsistent(format!(
-                                "KEK {new} is not primary with a key_id after promote"
-                            ))
-                        })?;
-                    state.event(format!("KEK {new} is primary with key_id {key_id}"));
-                    state.kek.new_key_id = Some(key_id);
-                    state.save(&settings.state_path)?;
-                    distribute_keyring(targets, state)?;
-                }
-                KeyringStep::RetireOldKek => {
-                    let old = state
-                        .kek
-                        .old_kek
-                        .ok_or_else(|| ApplyError::Inconsistent("no old KEK recorded".into()))?;
-                    if cli.list(&k0)?.kek(old).is_some() {
-                        cli.retire(&k0, old)?;
-                    }
-                    state.event(format!("KEK {old} retired"));
-                    distribute_keyring(targets, state)?;
-                }
+                KeyringStep::AddKek => add_kek(targets, state, settings).await?,
+                KeyringStep::PromoteNewKek => promote_new_kek(targets, state, settings).await?,
+                KeyringStep::RetireOldKek => retire_old_kek(targets, state, settings).await?,
             }
+            distribute_keyring(targets, state)
         }
-        Action::Rewrite { resources } => {
-            let via = settings.rewrite_via.min(apis.len().saturating_sub(1));
-            let api = &apis[via];
-            let found = rewrite::discover(api, resources).await?;
-            say(&format!(
-                "rewriting {} through {}",
-                found
-                    .iter()
-                    .map(|t| t.key.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                api.host
-            ));
-            let mut checkpoint = std::mem::take(&mut state.rewrite);
-            let mut snapshot = state.clone();
-            let path = settings.state_path.clone();
-            let mut save = |cp: &crate::state::Checkpoint| {
-                snapshot.rewrite = cp.clone();
-                snapshot.save(&path).map_err(|e| e.to_string())
-            };
-            let result =
-                rewrite::run(api, &found, &mut checkpoint, settings.rewrite, &mut save).await;
-            state.rewrite = checkpoint;
-            let summary = result?;
-            eprint!("{summary}");
-            state.event(format!(
-                "rewrite done: {} updated, {} gone",
-                summary.updated, summary.skipped
-            ));
+        Action::Rewrite { resources } => rewrite_all(apis, state, resources, settings).await,
+    }
+}
+
+/// Writes the stage's EncryptionConfiguration to every host (a host that
+/// already has it is left alone), after checking no host drifted.
+fn write_config(
+    targets: &Targets,
+    state: &mut State,
+    index: usize,
+    content: &SecretText,
+    hash: &str,
+) -> Result<(), ApplyError> {
+    check_drift(targets, state, index, hash)?;
+    for h in targets.hosts() {
+        match fsio::replace(&h.encryption_config, content.expose().as_bytes())? {
+            Written::Replaced => state.event(format!(
+                "wrote {hash} to {} ({})",
+                h.name,
+                h.encryption_config.display()
+            )),
+            Written::Unchanged => state.event(format!("{} already has {hash}", h.name)),
         }
     }
+    Ok(())
+}
+
+/// `keyring add` on the first host's keyring, once: after a kill between the
+/// add and the state write, the added KEK is found instead of adding another.
+async fn add_kek(
+    targets: &Targets,
+    state: &mut State,
+    settings: &ApplySettings,
+) -> Result<(), ApplyError> {
+    let cli = &settings.keyring_cli;
+    let k0 = keyring_of(targets.first())?;
+    let info = keyring_cli(cli, k0, |c, p| c.list(p)).await?;
+    if state.kek.keks_before_add.is_none() {
+        record_old_kek(state, &info, k0)?;
+        state.save(&settings.state_path)?;
+    }
+    let before = state.kek.keks_before_add.clone().unwrap_or_default();
+    let added = |info: &KeyringInfo| {
+        info.keks
+            .iter()
+            .map(|k| k.kek)
+            .find(|k| !before.contains(k))
+    };
+    let new = match added(&info) {
+        Some(k) => k,
+        None => {
+            keyring_cli(cli, k0, |c, p| c.add(p)).await?;
+            let info = keyring_cli(cli, k0, |c, p| c.list(p)).await?;
+            added(&info).ok_or_else(|| {
+                ApplyError::Inconsistent(format!("`keyring add` on {} added no KEK", k0.display()))
+            })?
+        }
+    };
+    state.kek.new_kek = Some(new);
+    state.event(format!(
+        "KEK {new} added (decrypt-only) on {}",
+        targets.first().name
+    ));
+    state.save(&settings.state_path)?;
+    Ok(())
+}
+
+/// Records, before anything changes, which KEKs exist and every key_id of the
+/// primary one (the retire gate looks for them); refuses a keyring whose
+/// primary is not the one planned.
+fn record_old_kek(state: &mut State, info: &KeyringInfo, k0: &Path) -> Result<(), ApplyError> {
+    let planned = state.plan.keyring.as_ref().map(|k| k.primary);
+    if planned != Some(info.primary) {
+        return Err(ApplyError::Drift {
+            message: format!(
+                "keyring {} changed since the plan: primary KEK is {} (planned {:?})",
+                k0.display(),
+                info.primary,
+                planned
+            ),
+        });
+    }
+    let old = info
+        .primary_kek()
+        .ok_or_else(|| ApplyError::Inconsistent("no primary KEK".into()))?;
+    let mut ids = old.key_ids.clone();
+    if let Some(id) = &old.key_id
+        && !ids.contains(id)
+    {
+        ids.push(id.clone());
+    }
+    if ids.is_empty() {
+        return Err(ApplyError::Inconsistent(format!(
+            "the primary KEK {} has no key_id",
+            old.kek
+        )));
+    }
+    state.kek.keks_before_add = Some(info.keks.iter().map(|k| k.kek).collect());
+    state.kek.old_kek = Some(old.kek);
+    state.kek.old_key_ids = ids;
+    Ok(())
+}
+
+/// `keyring promote` of the added KEK (unless it is primary already); records its key_id.
+async fn promote_new_kek(
+    targets: &Targets,
+    state: &mut State,
+    settings: &ApplySettings,
+) -> Result<(), ApplyError> {
+    let cli = &settings.keyring_cli;
+    let k0 = keyring_of(targets.first())?;
+    let new = state
+        .kek
+        .new_kek
+        .ok_or_else(|| ApplyError::Inconsistent("no new KEK recorded".into()))?;
+    if keyring_cli(cli, k0, |c, p| c.list(p)).await?.primary != new {
+        keyring_cli(cli, k0, move |c, p| c.promote(p, new)).await?;
+    }
+    let info = keyring_cli(cli, k0, |c, p| c.list(p)).await?;
+    let key_id = info
+        .kek(new)
+        .and_then(|k| k.key_id.clone())
+        .filter(|_| info.primary == new)
+        .ok_or_else(|| {
+            ApplyError::Inconsistent(format!(
+                "KEK {new} is not primary with a key_id after promote"
+            ))
+        })?;
+    state.event(format!("KEK {new} is primary with key_id {key_id}"));
+    state.kek.new_key_id = Some(key_id);
+    state.save(&settings.state_path)?;
+    Ok(())
+}
+
+/// `keyring retire` of the old KEK (unless it is gone already).
+async fn retire_old_kek(
+    targets: &Targets,
+    state: &mut State,
+    settings: &ApplySettings,
+) -> Result<(), ApplyError> {
+    let cli = &settings.keyring_cli;
+    let k0 = keyring_of(targets.first())?;
+    let old = state
+        .kek
+        .old_kek
+        .ok_or_else(|| ApplyError::Inconsistent("no old KEK recorded".into()))?;
+    if keyring_cli(cli, k0, |c, p| c.list(p))
+        .await?
+        .kek(old)
+        .is_some()
+    {
+        keyring_cli(cli, k0, move |c, p| c.retire(p, old)).await?;
+    }
+    state.event(format!("KEK {old} retired"));
+    Ok(())
+}
+
+/// Rewrites every object of `resources` through one apiserver, saving the
+/// checkpoint to the state file as pages complete.
+async fn rewrite_all(
+    apis: &[Apiserver],
+    state: &mut State,
+    resources: &[String],
+    settings: &ApplySettings,
+) -> Result<(), ApplyError> {
+    let via = settings.rewrite_via.min(apis.len().saturating_sub(1));
+    let api = apis
+        .get(via)
+        .ok_or_else(|| ApplyError::Inconsistent("no apiserver to rewrite through".into()))?;
+    let found = rewrite::discover(api, resources).await?;
+    say(&format!(
+        "rewriting {} through {}",
+        found
+            .iter()
+            .map(|t| t.key.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        api.host
+    ));
+    let mut checkpoint = std::mem::take(&mut state.rewrite);
+    let mut snapshot = state.clone();
+    let path = settings.state_path.clone();
+    let mut save = |cp: &crate::state::Checkpoint| {
+        snapshot.rewrite = cp.clone();
+        snapshot.save(&path).map_err(|e| e.to_string())
+    };
+    let result = rewrite::run(api, &found, &mut checkpoint, settings.rewrite, &mut save).await;
+    state.rewrite = checkpoint;
+    let summary = result?;
+    eprint!("{summary}");
+    state.event(format!(
+        "rewrite done: {} updated, {} gone",
+        summary.updated, summary.skipped
+    ));
     Ok(())
 }
 
@@ -782,7 +857,7 @@ async fn prove(
         index + 1
     ));
     let mut notify = |m: String| say(&m);
-    let modes = proof::wait_all(apis, &targets.hosts, &wanted, settings.proof, &mut notify)
+    let modes = proof::wait_all(apis, targets.hosts(), &wanted, settings.proof, &mut notify)
         .await
         .map_err(|source| ApplyError::Proof {
             stage: index + 1,
@@ -791,4 +866,61 @@ async fn prove(
     let how: Vec<String> = modes.iter().map(|(h, m)| format!("{h} ({m})")).collect();
     state.event(format!("proven by {}", how.join(", ")));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_lock_is_held_by_one_taker_and_never_judged_by_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        let lock = dir.path().join("state.json.lock");
+        // Leftovers of a killed run (an empty file, a reused or garbage pid) do not matter.
+        for leftover in ["", "1\n", "not a pid"] {
+            std::fs::write(&lock, leftover).unwrap();
+            let held = RunLock::acquire(&state).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&lock).unwrap().trim(),
+                std::process::id().to_string()
+            );
+            let e = RunLock::acquire(&state).unwrap_err();
+            assert!(matches!(e, ApplyError::StateConflict(_)), "{e}");
+            assert_eq!(e.exit_code(), exit::STATE);
+            assert!(e.to_string().contains("another rotator"), "{e}");
+            drop(held);
+            // Released with its holder; the file stays.
+            assert!(lock.exists());
+            drop(RunLock::acquire(&state).unwrap());
+        }
+    }
+
+    #[test]
+    fn many_simultaneous_takers_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (state, barrier, tx) = (state.clone(), barrier.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let r = RunLock::acquire(&state);
+                    let won = r.is_ok();
+                    tx.send(won).unwrap();
+                    // Hold until every taker has tried.
+                    barrier.wait();
+                    drop(r);
+                })
+            })
+            .collect();
+        drop(tx);
+        let wins = rx.iter().filter(|w| *w).count();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(wins, 1);
+    }
 }

@@ -312,7 +312,7 @@ fn settings(cli: &Cli, run: &RunArgs, targets: &Targets) -> Result<ApplySettings
     let rewrite_via = match &run.rewrite_via {
         None => 0,
         Some(name) => targets
-            .hosts
+            .hosts()
             .iter()
             .position(|h| &h.name == name)
             .ok_or_else(|| UsageError {
@@ -361,7 +361,7 @@ fn fail(e: &dyn std::fmt::Display, code: u8) -> u8 {
 }
 
 async fn dry_run_checks(targets: &Targets) {
-    for h in &targets.hosts {
+    for h in targets.hosts() {
         let line = match crate::apiserver::Apiserver::connect(h).await {
             Err(e) => format!("{}: {e}", h.name),
             Ok(api) => match api.metrics().await {
@@ -383,7 +383,7 @@ async fn dry_run_checks(targets: &Targets) {
 pub async fn run(cli: Cli) -> u8 {
     if let Command::Status { output } = &cli.command {
         return match State::load(&cli.state) {
-            Err(e) => fail(&e, exit::FAILURE),
+            Err(e) => fail(&e, e.exit_code()),
             Ok(None) => fail(
                 &format!("no state file at {}", cli.state.display()),
                 exit::STATE,
@@ -415,6 +415,7 @@ pub async fn run(cli: Cli) -> u8 {
             };
             let cli_bin = KeyringCli::locate(targets.kms_plugin.as_deref());
             apply::make_plan(&targets, &op, &cli_bin)
+                .await
                 .map(|plan| print!("{}", crate::render::render_plan(&plan, &targets)))
         }
         Command::Apply { run, op } => {
@@ -427,7 +428,7 @@ pub async fn run(cli: Cli) -> u8 {
                 Err(e) => return fail(&e, exit::USAGE),
             };
             if run.dry_run {
-                match apply::make_plan(&targets, &op, &s.keyring_cli) {
+                match apply::make_plan(&targets, &op, &s.keyring_cli).await {
                     Ok(plan) => {
                         print!("{}", crate::render::render_plan(&plan, &targets));
                         println!();

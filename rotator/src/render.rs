@@ -55,7 +55,7 @@ fn gate_words(gate: &Gate) -> String {
 pub fn render_plan(plan: &Plan, targets: &Targets) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "operation: {}", plan.operation.name());
-    let hosts: Vec<&str> = targets.hosts.iter().map(|h| h.name.as_str()).collect();
+    let hosts: Vec<&str> = targets.hosts().iter().map(|h| h.name.as_str()).collect();
     let _ = writeln!(s, "hosts: {}", hosts.join(", "));
     match &plan.original_hash {
         Some(h) => {
@@ -85,7 +85,7 @@ pub fn render_plan(plan: &Plan, targets: &Targets) -> String {
         match &stage.action {
             Action::WriteConfig { content, hash } => {
                 let _ = writeln!(s, "  writes: {hash} to");
-                for h in &targets.hosts {
+                for h in targets.hosts() {
                     let _ = writeln!(s, "    {}: {}", h.name, h.encryption_config.display());
                 }
                 let _ = writeln!(s, "  content:");
@@ -103,16 +103,12 @@ pub fn render_plan(plan: &Plan, targets: &Targets) -> String {
                         ("keyring retire --kek <old>", "the old KEK is removed")
                     }
                 };
-                let first = targets
-                    .hosts
-                    .first()
-                    .map(|h| h.name.as_str())
-                    .unwrap_or("-");
+                let first = targets.first().name.as_str();
                 let _ = writeln!(
                     s,
                     "  runs: kms-plugin {cmd} on {first} ({what}), then copies the file to:"
                 );
-                for h in &targets.hosts {
+                for h in targets.hosts() {
                     let path = h
                         .keyring
                         .as_ref()

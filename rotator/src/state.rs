@@ -135,12 +135,39 @@ pub enum StateError {
         /// The parser's message (never contains values: serde_json names positions).
         message: String,
     },
+    /// It parses but cannot be a state the rotator wrote (e.g. a stage
+    /// index past the end of its plan).
+    #[error("state file {path} is inconsistent: {message}; restore it or start over")]
+    Inconsistent {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit (never a value from the file other than numbers).
+        message: String,
+    },
     /// Writing failed.
     #[error(transparent)]
     Write(#[from] crate::fsio::WriteError),
     /// JSON encoding failed.
     #[error("cannot encode the state: {0}")]
     Encode(String),
+}
+
+impl StateError {
+    /// A state file that is there but unusable is a state conflict (exit 5),
+    /// like an unfinished run: no command may guess what it meant. I/O
+    /// failures are runtime failures (exit 1).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Parse { .. } | Self::Inconsistent { .. })
+    }
+
+    /// The documented exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        if self.is_conflict() {
+            crate::apply::exit::STATE
+        } else {
+            crate::apply::exit::FAILURE
+        }
+    }
 }
 
 /// Unix seconds now.
@@ -209,6 +236,18 @@ impl State {
                 message: format!("version {}", state.version),
             });
         }
+        // `stage == stages` is a finished run; past that is no run at all
+        // (it would read as finished and `status` would claim every stage done).
+        if state.stage > state.plan.stages.len() {
+            return Err(StateError::Inconsistent {
+                path: path.to_owned(),
+                message: format!(
+                    "stage index {} is past the end of its {}-stage plan",
+                    state.stage,
+                    state.plan.stages.len()
+                ),
+            });
+        }
         Ok(Some(state))
     }
 
@@ -265,7 +304,39 @@ mod tests {
             "key in Debug"
         );
         std::fs::write(&p, b"{\"version\": 1, \"stage\": \"x\"}").unwrap();
-        let e = State::load(&p).unwrap_err().to_string();
-        assert!(e.contains("state.json"), "{e}");
+        let e = State::load(&p).unwrap_err();
+        assert!(e.is_conflict(), "{e}");
+        assert!(e.to_string().contains("state.json"), "{e}");
+    }
+
+    #[test]
+    fn a_stage_past_the_end_is_refused_not_finished() {
+        let cfg = EncryptionConfiguration::parse(
+            "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n- resources: [secrets]\n  providers:\n  - identity: {}\n",
+        )
+        .unwrap();
+        let plan = build(
+            &Operation::Enable {
+                provider: crate::plan::NewProvider::Aescbc,
+                resources: vec!["secrets".into()],
+            },
+            Some(&cfg),
+            None,
+            &mut || Ok(SecretBytes::new(vec![7; 32])),
+        )
+        .unwrap();
+        let n = plan.stages.len();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        let mut state = State::new(plan, vec!["cp1".into()]);
+        state.stage = n;
+        state.save(&p).unwrap();
+        assert!(State::load(&p).unwrap().unwrap().finished());
+        state.stage = n + 1;
+        state.save(&p).unwrap();
+        let e = State::load(&p).unwrap_err();
+        assert!(e.is_conflict(), "{e}");
+        assert_eq!(e.exit_code(), crate::apply::exit::STATE);
+        assert!(e.to_string().contains("past the end"), "{e}");
     }
 }

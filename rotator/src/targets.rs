@@ -23,7 +23,7 @@
 //! kmsPlugin: /usr/local/bin/kms-plugin          # default: beside rotator, else PATH
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -132,11 +132,12 @@ pub struct EtcdTarget {
     pub prefix: String,
 }
 
-/// The validated rotator config.
+/// The validated rotator config. It always lists at least one host
+/// ([`Targets::first`] needs no check), each file named by one host only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Targets {
-    /// Control-plane hosts, in the order stages visit them.
-    pub hosts: Vec<Host>,
+    /// Control-plane hosts, in the order stages visit them; never empty.
+    hosts: Vec<Host>,
     /// etcd, for the audit gate.
     pub etcd: EtcdTarget,
     /// The kms-plugin binary, when the config names one.
@@ -216,6 +217,28 @@ struct RawEtcd {
 }
 
 impl Targets {
+    /// Every host, in the order stages visit them (at least one).
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The first host: its keyring is the one the rotator edits, its
+    /// apiserver rewrites unless told otherwise.
+    pub fn first(&self) -> &Host {
+        // `parse` refuses an empty host list and nothing else builds a `Targets`.
+        &self.hosts[0]
+    }
+
+    /// Every host but the first.
+    pub fn others(&self) -> &[Host] {
+        &self.hosts[1..]
+    }
+
+    /// The host names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.name.clone()).collect()
+    }
+
     /// Reads and validates the rotator config at `path`. Relative paths inside
     /// it are taken relative to the file's folder.
     pub fn load(path: &Path) -> Result<Self, TargetsError> {
@@ -331,12 +354,19 @@ impl Targets {
                 proof: h.proof,
             });
         }
-        let paths: BTreeSet<&PathBuf> = hosts.iter().map(|h| &h.encryption_config).collect();
-        if paths.len() != hosts.len() {
-            return Err(field(
-                "hosts".into(),
-                "two hosts name the same encryptionConfig path",
-            ));
+        // Two hosts must not share a file, however its path is spelled
+        // (a symlink, `..`, `.`).
+        let configs = shared_file(&hosts, |h| Some(&h.encryption_config));
+        let keyrings = shared_file(&hosts, |h| h.keyring.as_ref());
+        for (name, found) in [("encryptionConfig", configs), ("keyring", keyrings)] {
+            if let Some((first, i)) = found {
+                return Err(field(
+                    format!("hosts[{i}].{name}"),
+                    &format!(
+                        "is the same file as hosts[{first}].{name} (after resolving symlinks and ..); every host needs its own"
+                    ),
+                ));
+            }
         }
         let e = raw.etcd;
         if e.endpoints.is_empty() {
@@ -365,6 +395,47 @@ impl Targets {
             kms_plugin: raw.kms_plugin.map(abs),
         })
     }
+}
+
+/// The first pair of hosts (earlier, later) whose `path_of` is the same file.
+fn shared_file(
+    hosts: &[Host],
+    path_of: impl Fn(&Host) -> Option<&PathBuf>,
+) -> Option<(usize, usize)> {
+    let mut seen: BTreeMap<PathBuf, usize> = BTreeMap::new();
+    for (i, h) in hosts.iter().enumerate() {
+        if let Some(p) = path_of(h)
+            && let Some(first) = seen.insert(resolve(p), i)
+        {
+            return Some((first, i));
+        }
+    }
+    None
+}
+
+/// `path` with its folder resolved (symlinks, `.`, `..`) and, when the file
+/// is a symlink, the file it points to: what the kernel opens. A folder that
+/// does not exist (yet) is normalised lexically.
+fn resolve(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name())
+        && let Ok(dir) = std::fs::canonicalize(dir)
+    {
+        return dir.join(name);
+    }
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -429,6 +500,50 @@ etcd:
         assert!(e.contains("etcd.endpoints"), "{e}");
         let e = parse("hosts: []\netcd: {endpoints: [x]}\n").unwrap_err();
         assert!(e.contains("hosts"), "{e}");
+    }
+
+    #[test]
+    fn two_hosts_cannot_share_a_file_through_a_symlink_or_dotdot() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("enc.yaml"), "x").unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(real.join("enc.yaml"), real.join("alias.yaml")).unwrap();
+        let two = |a: &str, b: &str| {
+            let text = format!(
+                "hosts:\n  - name: cp1\n    encryptionConfig: {a}\n    keyring: k1\n    apiserver: {{ url: 'http://127.0.0.1:1' }}\n  - name: cp2\n    encryptionConfig: {b}\n    keyring: k2\n    apiserver: {{ url: 'http://127.0.0.1:2' }}\netcd: {{ endpoints: [http://127.0.0.1:2379] }}\n"
+            );
+            Targets::parse(&text, Path::new("r.yaml"), dir.path()).map_err(|e| e.to_string())
+        };
+        for same in [
+            "link/enc.yaml",
+            "real/../real/enc.yaml",
+            "./real/enc.yaml",
+            "real/alias.yaml",
+        ] {
+            let e = two("real/enc.yaml", same).unwrap_err();
+            assert!(
+                e.contains("hosts[1].encryptionConfig") && e.contains("hosts[0].encryptionConfig"),
+                "{same}: {e}"
+            );
+        }
+        // A folder that does not exist yet is compared after removing `..`.
+        let e = two("new/enc.yaml", "new/sub/../enc.yaml").unwrap_err();
+        assert!(e.contains("hosts[1].encryptionConfig"), "{e}");
+        // Different files are fine, and the paths are kept as written.
+        let t = two("real/enc.yaml", "link/other.yaml").unwrap();
+        assert_eq!(
+            t.hosts()[1].encryption_config,
+            dir.path().join("link/other.yaml")
+        );
+        // Keyrings too.
+        let e = parse(&GOOD.replace(
+            "apiserver: { kubeconfig",
+            "keyring: ./kr\n    apiserver: { kubeconfig",
+        ))
+        .unwrap_err();
+        assert!(e.contains("hosts[1].keyring"), "{e}");
     }
 
     #[test]
