@@ -4,5 +4,6 @@
 //! Nothing here is a mock of an atrest component.
 
 pub mod etcd;
+pub mod inspect;
 pub mod plugin;
 pub mod standin;

@@ -19,7 +19,7 @@ pub use cli::{CliOutput, KekEntry, Keyring, KeyringList, cli};
 pub use client::{
     HeldCall, KmsClient, SocketEndpoint, connect, decrypt, encrypt, hold_encrypt, seed,
 };
-pub use http::{HttpResponse, Metrics, Sample, http_get};
+pub use http::{HttpResponse, Metrics, Sample, http_get, http_request};
 pub use process::{PluginOptions, PluginProcess, Transport, free_loopback_addr};
 
 use std::future::Future;

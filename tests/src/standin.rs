@@ -10,7 +10,7 @@ use std::sync::mpsc;
 
 use anyhow::{Context, Result, bail};
 
-use crate::plugin::{HttpResponse, Metrics, WAIT, bin_path, http_get};
+use crate::plugin::{HttpResponse, Metrics, WAIT, bin_path, http_get, http_request};
 
 /// A running stand-in. Killed on drop.
 #[derive(Debug)]
@@ -138,41 +138,7 @@ impl StandinProcess {
         token: Option<&str>,
         body: Option<&str>,
     ) -> Result<HttpResponse> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\n", self.addr);
-        if let Some(token) = token {
-            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        let body = body.unwrap_or_default();
-        if !body.is_empty() {
-            head.push_str("Content-Type: application/json\r\n");
-        }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-        let mut stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .with_context(|| format!("connecting to the stand-in at {}", self.addr))?;
-        stream.write_all(head.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .with_context(|| format!("{method} {path}: no end of headers in {text:?}"))?;
-        let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("{method} {path}: bad status line in {head:?}"))?;
-        let headers = lines
-            .filter_map(|line| line.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        Ok(HttpResponse {
-            status,
-            headers,
-            body: body.to_owned(),
-        })
+        http_request(self.addr, method, path, token, body).await
     }
 
     /// `/metrics`, parsed (only when no `--token` is set).

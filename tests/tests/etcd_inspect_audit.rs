@@ -4,71 +4,11 @@
 //! `--fail-on`; a wildcard config; TLS with client certificates.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-
 use atrest_tests::etcd::{EtcdServer, k8s_protobuf, run_etcd_inspect};
-use atrest_tests::plugin::{PluginOptions, PluginProcess, SocketEndpoint, encrypt};
-use base64::Engine;
+use atrest_tests::inspect::{key, kms_write_key, unix_endpoint, write_with};
+use atrest_tests::plugin::{PluginOptions, PluginProcess};
 use serde_json::{Value, json};
-use storage_encryption::{
-    EncryptionConfiguration, GroupResource, KmsV2WriteKey, NoKms, Seed, transform_to_storage,
-};
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// Local keys of the test: name -> 32 bytes.
-fn key(n: u8) -> String {
-    b64(&[n; 32])
-}
-
-fn unix_endpoint(e: &SocketEndpoint) -> String {
-    match e {
-        SocketEndpoint::File(p) => format!("unix://{}", p.display()),
-        SocketEndpoint::Abstract(_) => e.listen_arg(),
-    }
-}
-
-/// Encrypts `plaintext` for `etcd_key` exactly as kube-apiserver would with
-/// `provider_yaml` first (storage-encryption's transform_to_storage).
-fn write_with(
-    provider_yaml: &str,
-    etcd_key: &str,
-    plaintext: &[u8],
-    kms: Option<&KmsV2WriteKey>,
-) -> Vec<u8> {
-    let yaml = format!(
-        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: ['*.*']\n    providers:\n      - {provider_yaml}\n"
-    );
-    let cfg = EncryptionConfiguration::parse(&yaml).unwrap();
-    let gr = GroupResource::new("any.example.com", "things");
-    let providers = cfg.providers_for(&gr).providers;
-    match kms {
-        Some(k) => {
-            let keys: BTreeMap<String, KmsV2WriteKey> = providers
-                .iter()
-                .filter_map(|p| match p {
-                    storage_encryption::ProviderConfig::Kms(c) => Some((c.name.clone(), k.clone())),
-                    _ => None,
-                })
-                .collect();
-            transform_to_storage(&providers, plaintext, etcd_key.as_bytes(), &keys).unwrap()
-        }
-        None => transform_to_storage(&providers, plaintext, etcd_key.as_bytes(), &NoKms).unwrap(),
-    }
-}
-
-async fn kms_write_key(plugin: &PluginProcess) -> KmsV2WriteKey {
-    let seed = Seed::random().unwrap();
-    let resp = encrypt(&plugin.client(), seed.expose()).await.unwrap();
-    KmsV2WriteKey {
-        seed,
-        encrypted_dek_source: resp.ciphertext,
-        key_id: resp.key_id,
-        annotations: BTreeMap::new(),
-    }
-}
+use storage_encryption::KmsV2WriteKey;
 
 fn secret_pb(name: &str) -> Vec<u8> {
     k8s_protobuf(

@@ -4,60 +4,10 @@
 //! seed, and never prints plaintext.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-
 use atrest_tests::etcd::{EtcdServer, k8s_protobuf, run_etcd_inspect};
-use atrest_tests::plugin::{PluginOptions, PluginProcess, SocketEndpoint, encrypt};
-use base64::Engine;
+use atrest_tests::inspect::{key, kms_write_key as write_key, unix_endpoint, write_with};
+use atrest_tests::plugin::{PluginOptions, PluginProcess};
 use serde_json::json;
-use storage_encryption::{
-    EncryptionConfiguration, GroupResource, KmsV2WriteKey, NoKms, Seed, transform_to_storage,
-};
-
-fn key(n: u8) -> String {
-    base64::engine::general_purpose::STANDARD.encode([n; 32])
-}
-
-fn unix_endpoint(e: &SocketEndpoint) -> String {
-    match e {
-        SocketEndpoint::File(p) => format!("unix://{}", p.display()),
-        SocketEndpoint::Abstract(_) => e.listen_arg(),
-    }
-}
-
-/// kube-apiserver's write path (storage-encryption) with `provider_yaml` first.
-fn write_with(
-    provider_yaml: &str,
-    etcd_key: &str,
-    plaintext: &[u8],
-    kms: Option<&KmsV2WriteKey>,
-) -> Vec<u8> {
-    let yaml = format!(
-        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: ['*.*']\n    providers:\n      - {provider_yaml}\n"
-    );
-    let cfg = EncryptionConfiguration::parse(&yaml).unwrap();
-    let providers = cfg
-        .providers_for(&GroupResource::new("any.example.com", "things"))
-        .providers;
-    match kms {
-        Some(k) => {
-            let keys: BTreeMap<String, KmsV2WriteKey> = [("plugin-a".to_owned(), k.clone())].into();
-            transform_to_storage(&providers, plaintext, etcd_key.as_bytes(), &keys).unwrap()
-        }
-        None => transform_to_storage(&providers, plaintext, etcd_key.as_bytes(), &NoKms).unwrap(),
-    }
-}
-
-async fn write_key(plugin: &PluginProcess) -> KmsV2WriteKey {
-    let seed = Seed::random().unwrap();
-    let resp = encrypt(&plugin.client(), seed.expose()).await.unwrap();
-    KmsV2WriteKey {
-        seed,
-        encrypted_dek_source: resp.ciphertext,
-        key_id: resp.key_id,
-        annotations: BTreeMap::new(),
-    }
-}
 
 const CANARY: &str = "PLAINTEXT-CANARY-7f3a";
 

@@ -7,8 +7,7 @@
 use std::path::PathBuf;
 
 use atrest_tests::etcd::{EtcdServer, InspectRun, k8s_protobuf, run_etcd_inspect};
-use base64::Engine;
-use storage_encryption::{EncryptionConfiguration, GroupResource, NoKms, transform_to_storage};
+use atrest_tests::inspect::{key, write_with};
 
 fn golden_path(name: &str) -> PathBuf {
     PathBuf::from(concat!(
@@ -35,21 +34,6 @@ fn check_golden(name: &str, actual: &str) {
         "{} differs (UPDATE_GOLDEN=1 rewrites it)\n--- expected\n{expected}\n--- actual\n{actual}",
         path.display()
     );
-}
-
-fn key(n: u8) -> String {
-    base64::engine::general_purpose::STANDARD.encode([n; 32])
-}
-
-fn write_with(provider_yaml: &str, etcd_key: &str, plaintext: &[u8]) -> Vec<u8> {
-    let yaml = format!(
-        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: ['*.*']\n    providers:\n      - {provider_yaml}\n"
-    );
-    let cfg = EncryptionConfiguration::parse(&yaml).unwrap();
-    let providers = cfg
-        .providers_for(&GroupResource::new("x.example.com", "things"))
-        .providers;
-    transform_to_storage(&providers, plaintext, etcd_key.as_bytes(), &NoKms).unwrap()
 }
 
 /// Replaces what differs between runs: the revision and the temp config path.
@@ -95,24 +79,24 @@ fn summary_table_and_junit_are_stable() {
     let mut kvs: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 0..7 {
         let k = format!("/registry/secrets/ns{}/s{i}", i % 3);
-        kvs.push((k.clone(), write_with(&gcm2, &k, &pb("Secret"))));
+        kvs.push((k.clone(), write_with(&gcm2, &k, &pb("Secret"), None)));
     }
     for i in 0..3 {
         let k = format!("/registry/secrets/legacy/s{i}");
-        kvs.push((k.clone(), write_with(&gcm1, &k, &pb("Secret"))));
+        kvs.push((k.clone(), write_with(&gcm1, &k, &pb("Secret"), None)));
     }
     kvs.push((
         "/registry/secrets/legacy/cbc".into(),
-        write_with(&cbc, "/registry/secrets/legacy/cbc", &pb("Secret")),
+        write_with(&cbc, "/registry/secrets/legacy/cbc", &pb("Secret"), None),
     ));
     kvs.push((
         "/registry/secrets/legacy/lost".into(),
-        write_with(&gone, "/registry/secrets/legacy/lost", &pb("Secret")),
+        write_with(&gone, "/registry/secrets/legacy/lost", &pb("Secret"), None),
     ));
     kvs.push(("/registry/secrets/dev/plain".into(), pb("Secret")));
     for i in 0..4 {
         let k = format!("/registry/configmaps/kube-system/c{i}");
-        kvs.push((k.clone(), write_with(&sb, &k, &pb("ConfigMap"))));
+        kvs.push((k.clone(), write_with(&sb, &k, &pb("ConfigMap"), None)));
     }
     kvs.push(("/registry/configmaps/default/plain".into(), pb("ConfigMap")));
     kvs.push((
@@ -125,6 +109,7 @@ fn summary_table_and_junit_are_stable() {
             &sb,
             "/registry/stable.example.com/widgets/default/w",
             b"{\"kind\":\"Widget\"}\n",
+            None,
         ),
     ));
     kvs.push(("/registry/events/default/e.1".into(), pb("Event")));

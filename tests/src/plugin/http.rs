@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.0 GET (enough for a loopback metrics listener) and a
-//! parser for the Prometheus / OpenMetrics text format.
+//! A minimal HTTP/1.0 client (enough for loopback listeners: the plugin's
+//! metrics, the kube-apiserver stand-in) and a parser for the Prometheus / OpenMetrics text format.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -32,29 +32,55 @@ impl HttpResponse {
 /// `GET path HTTP/1.0`: the server closes the connection after the body, so
 /// reading to the end needs neither chunked decoding nor keep-alive.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<HttpResponse> {
+    http_request(addr, "GET", path, None, None).await
+}
+
+/// Any request over HTTP/1.0 (the server closes after the answer), with an
+/// optional bearer token and JSON body. The one hand-written HTTP client of
+/// the test kits: the plugin's metrics listener and the stand-in use it.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<HttpResponse> {
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    if method != "GET" || !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .write_all(head.as_bytes())
         .await
-        .with_context(|| format!("sending GET {path} to {addr}"))?;
+        .with_context(|| format!("sending {method} {path} to {addr}"))?;
     let mut raw = Vec::new();
     stream
         .read_to_end(&mut raw)
         .await
-        .with_context(|| format!("reading the answer to GET {path} from {addr}"))?;
+        .with_context(|| format!("reading the answer to {method} {path} from {addr}"))?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .with_context(|| format!("GET {path} on {addr}: no end of headers in {text:?}"))?;
+        .with_context(|| format!("{method} {path} on {addr}: no end of headers in {text:?}"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("GET {path} on {addr}: bad status line {status_line:?}"))?;
+        .with_context(|| format!("{method} {path} on {addr}: bad status line {status_line:?}"))?;
     let headers = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
