@@ -3,6 +3,7 @@
 //! loopback / unix sockets in temporary directories, and stops them after.
 //! Nothing here is a mock of an atrest component.
 
+pub mod cluster;
 pub mod etcd;
 pub mod inspect;
 pub mod plugin;

@@ -27,13 +27,32 @@ impl StandinProcess {
     /// Starts `kube-apiserver-standin --listen 127.0.0.1:0 --etcd-endpoints ETCD ARGS…`
     /// and waits for its `listening on` line.
     pub fn start<S: AsRef<std::ffi::OsStr>>(etcd_endpoint: &str, args: &[S]) -> Result<Self> {
+        Self::start_in(&[], etcd_endpoint, args)
+    }
+
+    /// Like [`start`](Self::start), through `wrapper` (e.g. `nsenter …` to
+    /// join a host's mount namespace): `WRAPPER… kube-apiserver-standin …`.
+    /// The wrapper must exec the stand-in, so that its pid is the stand-in's.
+    pub fn start_in<S: AsRef<std::ffi::OsStr>>(
+        wrapper: &[String],
+        etcd_endpoint: &str,
+        args: &[S],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("atrest-standin-")
             .tempdir()
             .context("creating the stand-in's temp dir")?;
         let log_path = dir.path().join("standin.log");
         let log = std::fs::File::create(&log_path).context("creating the stand-in log")?;
-        let mut child = Command::new(bin_path("kube-apiserver-standin"))
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin_path("kube-apiserver-standin"));
+                c
+            }
+            None => Command::new(bin_path("kube-apiserver-standin")),
+        };
+        let mut child = command
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--etcd-endpoints")

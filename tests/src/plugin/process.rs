@@ -38,6 +38,8 @@ pub struct PluginOptions {
     metrics: bool,
     log_filter: Option<String>,
     args: Vec<String>,
+    wrapper: Vec<String>,
+    reached_at: Option<SocketEndpoint>,
 }
 
 impl PluginOptions {
@@ -81,6 +83,21 @@ impl PluginOptions {
         self.args.push(arg.to_owned());
         self
     }
+
+    /// Start `kms-plugin` through this command (e.g. `unshare …` or
+    /// `nsenter …` for a host of its own): `WRAPPER… kms-plugin serve …`.
+    /// The wrapper must exec the plugin, so that its pid is the plugin's.
+    pub fn wrapped_in(mut self, wrapper: &[String]) -> Self {
+        self.wrapper = wrapper.to_vec();
+        self
+    }
+
+    /// Where the test reaches the socket when it differs from where the
+    /// plugin listens (a plugin in another mount namespace).
+    pub fn reached_at(mut self, endpoint: SocketEndpoint) -> Self {
+        self.reached_at = Some(endpoint);
+        self
+    }
 }
 
 /// A running (or exited) `kms-plugin serve`. Killed on drop.
@@ -90,6 +107,8 @@ pub struct PluginProcess {
     child: Child,
     exit: Option<ExitStatus>,
     endpoint: SocketEndpoint,
+    /// Where this process dials it (`endpoint` unless another namespace).
+    reach: SocketEndpoint,
     keyring: Keyring,
     log_path: PathBuf,
     metrics_addr: Option<SocketAddr>,
@@ -144,7 +163,14 @@ impl PluginProcess {
         let stdout = File::create(dir.path().join("plugin.stdout"))
             .context("creating the plugin stdout file")?;
 
-        let mut command = Command::new(bin_path("kms-plugin"));
+        let mut command = match options.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin_path("kms-plugin"));
+                c
+            }
+            None => Command::new(bin_path("kms-plugin")),
+        };
         command
             .arg("serve")
             .arg("--listen")
@@ -171,6 +197,10 @@ impl PluginProcess {
             dir,
             child,
             exit: None,
+            reach: options
+                .reached_at
+                .clone()
+                .unwrap_or_else(|| endpoint.clone()),
             endpoint,
             keyring,
             log_path,
@@ -211,7 +241,7 @@ impl PluginProcess {
     }
 
     async fn try_status(&self) -> Result<(Channel, StatusResponse)> {
-        let channel = connect(&self.endpoint).await?;
+        let channel = connect(&self.reach).await?;
         let status = KmsClient::new(channel.clone())
             .status(StatusRequest {})
             .await
