@@ -601,30 +601,27 @@ impl Cluster {
         v["finished"] == true
     }
 
-    /// The hosts' EncryptionConfiguration, which must be the same everywhere.
-    pub fn config_text(&self) -> String {
-        let first = std::fs::read_to_string(&self.hosts[0].config).unwrap();
+    /// The file `path_of` names on every host, which must be the same everywhere.
+    fn same_on_every_host(&self, what: &str, path_of: impl Fn(&Host) -> &Path) -> Vec<u8> {
+        let first = std::fs::read(path_of(&self.hosts[0])).unwrap();
         for h in &self.hosts {
-            assert_eq!(
-                std::fs::read_to_string(&h.config).unwrap(),
-                first,
-                "hosts' configs differ"
+            assert!(
+                std::fs::read(path_of(h)).unwrap() == first,
+                "{what} of cp0 and {} differ",
+                h.name
             );
         }
         first
     }
 
+    /// The hosts' EncryptionConfiguration, which must be the same everywhere.
+    pub fn config_text(&self) -> String {
+        String::from_utf8(self.same_on_every_host("configs", |h| &h.config)).unwrap()
+    }
+
     /// The hosts' keyring (first KMS provider), which must be the same everywhere.
     pub fn keyring_bytes(&self) -> Vec<u8> {
-        let first = std::fs::read(&self.hosts[0].keyring).unwrap();
-        for h in &self.hosts {
-            assert_eq!(
-                std::fs::read(&h.keyring).unwrap(),
-                first,
-                "keyring copies differ"
-            );
-        }
-        first
+        self.same_on_every_host("keyring copies", |h| &h.keyring)
     }
 
     /// Every value under `/registry/<resource>/`.
