@@ -30,14 +30,13 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use etcd_client::GetOptions;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ObjectMeta, PostParams};
 use storage_encryption::EncryptionConfiguration;
 
 use crate::etcd::{EtcdServer, run_etcd_inspect};
 use crate::plugin::{Keyring, PluginOptions, PluginProcess, SocketEndpoint, bin_path};
-use crate::standin::StandinProcess;
+use crate::standin::{StandinProcess, secret_object};
 
 /// The first key of [`aescbc_config`]: 32 bytes of 7.
 pub const KEY1: [u8; 32] = [7; 32];
@@ -431,13 +430,7 @@ impl Cluster {
 
     /// A `kube` client on host `i`'s stand-in (with the token, if any).
     pub fn client(&self, i: usize) -> kube::Client {
-        let mut config = kube::Config::new(self.hosts[i].standin.url().parse().unwrap());
-        config.default_namespace = "default".into();
-        config.read_timeout = Some(Duration::from_secs(30));
-        if let Some(t) = &self.token {
-            config.auth_info.token = Some(t.clone().into());
-        }
-        kube::Client::try_from(config).unwrap()
+        crate::standin::client(&self.hosts[i].standin, self.token.as_deref())
     }
 
     /// Creates Secrets `s-I` and ConfigMaps `c-I` through host 0's stand-in,
@@ -452,17 +445,7 @@ impl Cluster {
                 let ns = |i: usize| namespaces[i % namespaces.len()].clone();
                 for i in (w..secrets).step_by(8) {
                     let api: Api<Secret> = Api::namespaced(kc.clone(), &ns(i));
-                    let obj = Secret {
-                        metadata: ObjectMeta {
-                            name: Some(format!("s-{i}")),
-                            ..Default::default()
-                        },
-                        data: Some(BTreeMap::from([(
-                            "k".to_owned(),
-                            ByteString(secret_value(i).into_bytes()),
-                        )])),
-                        ..Default::default()
-                    };
+                    let obj = secret_object(&format!("s-{i}"), "k", secret_value(i).as_bytes());
                     api.create(&PostParams::default(), &obj).await.unwrap();
                 }
                 for i in (w..configmaps).step_by(8) {

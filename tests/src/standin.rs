@@ -1,6 +1,8 @@
 //! Test kit for the kube-apiserver stand-in (the `kube-apiserver-standin`
-//! crate, tests only): runs its binary as a child process on a free loopback
-//! port (it prints `listening on ADDR` first), logs to a file, killed on drop.
+//! crate, tests only): [`StandinProcess`] runs its binary as a child process
+//! on a free loopback port (it prints `listening on ADDR` first), logs to a
+//! file, killed on drop; and the helpers its tests share: configs, a `kube`
+//! client on it, raw etcd reads, metrics lookups.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -10,7 +12,9 @@ use std::sync::mpsc;
 
 use anyhow::{Context, Result, bail};
 
-use crate::plugin::{HttpResponse, Metrics, WAIT, bin_path, http_get, http_request};
+use crate::etcd::EtcdServer;
+pub use crate::inspect::key;
+use crate::plugin::{HttpResponse, Metrics, WAIT, bin_path, eventually, http_get, http_request};
 
 /// A running stand-in. Killed on drop.
 #[derive(Debug)]
@@ -174,5 +178,105 @@ impl Drop for StandinProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An EncryptionConfiguration: `secrets` with aescbc `keys` (name, fill byte) in order,
+/// then identity; configmaps not configured (identity).
+pub fn aescbc_config(keys: &[(&str, u8)]) -> String {
+    let mut text = String::from(
+        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: [secrets]\n    providers:\n      - aescbc:\n          keys:\n",
+    );
+    for (name, fill) in keys {
+        text.push_str(&format!(
+            "            - name: {name}\n              secret: {}\n",
+            key(*fill)
+        ));
+    }
+    text.push_str("      - identity: {}\n");
+    text
+}
+
+/// Writes `text` to `path` atomically.
+pub fn write_config(path: &Path, text: &str) {
+    crate::plugin::write_atomically(path, text.as_bytes()).expect("write the config file");
+}
+
+/// A `kube` client on the stand-in (plain HTTP), optionally with a bearer token.
+pub fn client(standin: &StandinProcess, token: Option<&str>) -> kube::Client {
+    let mut config = kube::Config::new(standin.url().parse().expect("stand-in URL"));
+    config.default_namespace = "default".into();
+    config.read_timeout = Some(std::time::Duration::from_secs(30));
+    if let Some(token) = token {
+        config.auth_info.token = Some(token.to_owned().into());
+    }
+    kube::Client::try_from(config).expect("build a kube client")
+}
+
+/// The raw etcd value and mod revision under `key`, if any.
+pub async fn raw(etcd: &EtcdServer, key: &str) -> Option<(Vec<u8>, i64)> {
+    let mut client = etcd.client().await;
+    let response = client.get(key, None).await.expect("etcd get");
+    response
+        .kvs()
+        .first()
+        .map(|kv| (kv.value().to_vec(), kv.mod_revision()))
+}
+
+/// `sha256:<hex>` as the stand-in labels apiserver ids and key_ids.
+pub fn hash(text: &str) -> String {
+    storage_encryption::key_id_hash(text)
+}
+
+/// Waits until `/metrics` satisfies `check`; returns that page.
+pub async fn wait_metrics(
+    standin: &StandinProcess,
+    what: &str,
+    check: impl Fn(&Metrics) -> bool,
+) -> Result<Metrics> {
+    eventually(WAIT, what, || async {
+        let m = standin.metrics().await?;
+        Ok(check(&m).then_some(m))
+    })
+    .await
+    .with_context(|| format!("stand-in log:\n{}", standin.log()))
+}
+
+/// The `hash` label of `apiserver_encryption_config_controller_last_config_info` (must be one).
+pub fn config_hash(m: &Metrics) -> Option<String> {
+    let samples: Vec<_> = m
+        .matching(
+            "apiserver_encryption_config_controller_last_config_info",
+            &[],
+        )
+        .collect();
+    assert!(
+        samples.len() <= 1,
+        "more than one config hash exposed: {}",
+        m.text
+    );
+    samples.first().map(|s| s.labels["hash"].clone())
+}
+
+/// `apiserver_encryption_config_controller_automatic_reloads_total{status}`.
+pub fn reloads(m: &Metrics, status: &str) -> f64 {
+    m.sum(
+        "apiserver_encryption_config_controller_automatic_reloads_total",
+        &[("status", status)],
+    )
+}
+
+/// A Secret `name` (namespace from the client) with one data entry `key` = `value`.
+pub fn secret_object(name: &str, key: &str, value: &[u8]) -> k8s_openapi::api::core::v1::Secret {
+    k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(std::collections::BTreeMap::from([(
+            key.to_owned(),
+            k8s_openapi::ByteString(value.to_vec()),
+        )])),
+        ..Default::default()
     }
 }

@@ -3,32 +3,20 @@
 //! no-op updates, 404s, undecryptable values, compacted continue tokens.
 #![allow(clippy::unwrap_used)]
 
-mod standin_kit;
-
 use std::collections::BTreeMap;
 
 use atrest_tests::etcd::EtcdServer;
 use atrest_tests::standin::StandinProcess;
+use atrest_tests::standin::*;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::Value;
-use standin_kit::*;
 
 const CANARY: &[u8] = b"canary-plaintext-4b1d";
 
 fn secret(name: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            "password".to_owned(),
-            ByteString(CANARY.to_vec()),
-        )])),
-        ..Default::default()
-    }
+    secret_object(name, "password", CANARY)
 }
 
 fn api_status(e: kube::Error) -> (u16, String) {

@@ -2,13 +2,11 @@
 //! classic walk and aggregated discovery, then dynamic objects from it.
 #![allow(clippy::unwrap_used)]
 
-mod standin_kit;
-
 use atrest_tests::etcd::EtcdServer;
 use atrest_tests::standin::StandinProcess;
+use atrest_tests::standin::*;
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::discovery::{Discovery, Scope, verbs};
-use standin_kit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_lists_the_served_resources_and_dynamic_objects_work() {

@@ -3,8 +3,6 @@
 //! client retry hides them.
 #![allow(clippy::unwrap_used)]
 
-mod standin_kit;
-
 use atrest_tests::etcd::EtcdServer;
 use atrest_tests::standin::StandinProcess;
 use serde_json::Value;
@@ -188,7 +186,7 @@ async fn sigterm_stops_it_with_exit_code_0_and_dry_runs_are_refused() {
         .unwrap();
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(
-        standin_kit::raw(&etcd, "/registry/secrets/ns/s")
+        atrest_tests::standin::raw(&etcd, "/registry/secrets/ns/s")
             .await
             .is_none()
     );

@@ -5,17 +5,12 @@
 //! a config whose plugin is down refused, readiness following plugin health.
 #![allow(clippy::unwrap_used)]
 
-mod standin_kit;
-
-use std::collections::BTreeMap;
-
 use atrest_tests::etcd::EtcdServer;
 use atrest_tests::plugin::{PluginOptions, PluginProcess, WAIT, eventually};
 use atrest_tests::standin::StandinProcess;
-use k8s_openapi::ByteString;
+use atrest_tests::standin::*;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
-use standin_kit::*;
+use kube::api::{Api, PostParams};
 use storage_encryption::format::kmsv2;
 
 const PROVIDER: &str = "atrest-kms";
@@ -35,17 +30,7 @@ fn kms_config(endpoints: &[(&str, String)]) -> String {
 }
 
 fn secret(name: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            "k".to_owned(),
-            ByteString(b"kms-canary".to_vec()),
-        )])),
-        ..Default::default()
-    }
+    secret_object(name, "k", b"kms-canary")
 }
 
 /// The stored KMS v2 object's keyID and the etcd mod revision.

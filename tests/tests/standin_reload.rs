@@ -3,30 +3,15 @@
 //! re-encrypts only stale objects, a bad file that leaves the old config serving.
 #![allow(clippy::unwrap_used)]
 
-mod standin_kit;
-
-use std::collections::BTreeMap;
-
 use atrest_tests::etcd::EtcdServer;
 use atrest_tests::standin::StandinProcess;
-use k8s_openapi::ByteString;
+use atrest_tests::standin::*;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
-use standin_kit::*;
+use kube::api::{Api, PostParams};
 use storage_encryption::config_file_hash;
 
 fn secret(name: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            "k".to_owned(),
-            ByteString(name.as_bytes().to_vec()),
-        )])),
-        ..Default::default()
-    }
+    secret_object(name, "k", name.as_bytes())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
