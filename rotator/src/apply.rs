@@ -10,7 +10,8 @@ use storage_encryption::{EncryptionConfiguration, config_file_hash, key_id_hash}
 use crate::apiserver::{ApiError, Apiserver};
 use crate::fsio::{self, Written};
 use crate::gate::{self, GateError, GateReport};
-use crate::keyring::{KeyringCli, KeyringError, KeyringInfo};
+use crate::keyring::{KeyringCli, KeyringError};
+use ::keyring::Listing;
 use crate::plan::{self, Action, Gate, KeyringStep, Operation, Plan, PlanError};
 use crate::proof::{self, ProofSettings, ProofTimeout, Wanted};
 use crate::rewrite::{self, RewriteError, RewriteSettings};
@@ -155,7 +156,7 @@ pub struct Inputs {
     /// It parsed.
     pub config: Option<EncryptionConfiguration>,
     /// The keyring listing of the first host (rotate-kek).
-    pub keyring: Option<KeyringInfo>,
+    pub keyring: Option<Listing>,
 }
 
 fn read_opt(host: &str, path: &Path) -> Result<Option<Vec<u8>>, ApplyError> {
@@ -560,7 +561,7 @@ fn distribute_keyring(targets: &Targets, state: &mut State) -> Result<(), ApplyE
     })?);
     for i in 1..targets.hosts.len() {
         let dst = keyring_path(targets, i)?;
-        if fsio::replace(dst, &bytes)? == Written::Replaced {
+        if fsio::replace(dst, &bytes)? != Written::Unchanged {
             state.event(format!(
                 "copied the keyring to {} ({})",
                 targets.hosts[i].name,
@@ -584,7 +585,7 @@ async fn do_action(
             check_drift(targets, state, index, hash)?;
             for h in &targets.hosts {
                 match fsio::replace(&h.encryption_config, content.expose().as_bytes())? {
-                    Written::Replaced => state.event(format!(
+                    Written::Replaced | Written::Created => state.event(format!(
                         "wrote {hash} to {} ({})",
                         h.name,
                         h.encryption_config.display()

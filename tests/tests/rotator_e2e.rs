@@ -230,7 +230,7 @@ async fn assert_rotated(c: &Cluster, secrets: usize, configmaps: usize) {
         assert_eq!(std::fs::read(p).unwrap(), first, "hosts differ");
         assert_eq!(key_names(p), ["key2"], "{}", p.display());
         assert_eq!(mode(p), 0o600);
-        let bak = p.with_file_name("encryption-config.yaml.bak");
+        let bak = p.with_file_name("encryption-config.yaml.prev");
         assert_eq!(mode(&bak), 0o600);
         assert_eq!(
             key_names(&bak),

@@ -66,7 +66,7 @@ async fn rotate_kek_across_two_hosts() {
     std::fs::copy(first.path(), &second).unwrap();
     let keyrings = [first.path().to_owned(), second];
     let old = first.list().await.unwrap();
-    let old_key_id = old.primary_entry().unwrap().key_id.clone().unwrap();
+    let old_key_id = old.primary_kek().unwrap().key_id.clone().unwrap();
 
     let mut plugins = Vec::new();
     let mut standins = Vec::new();
@@ -223,7 +223,7 @@ async fn rotate_kek_across_two_hosts() {
         now.keks.iter().all(|k| k.kek != old_kek),
         "old KEK {old_kek} still in {now:?}"
     );
-    let new_key_id = now.primary_entry().unwrap().key_id.clone().unwrap();
+    let new_key_id = now.primary_kek().unwrap().key_id.clone().unwrap();
     assert_ne!(new_key_id, old_key_id);
     let ids = key_ids(&etcd).await;
     assert_eq!(ids.len(), 80);
