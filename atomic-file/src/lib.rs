@@ -286,9 +286,7 @@ pub fn write(path: &Path, bytes: &[u8], options: &Options) -> Result<Written, Wr
         }
     };
     fault("sync_dir").map_err(err)?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err)?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
     Ok(written)
 }
 
@@ -513,10 +511,7 @@ mod tests {
             FAULT.with(|f| f.set(None));
             assert!(r.is_err(), "{step}");
             let left = names(dir.path());
-            assert!(
-                left.iter().all(|n| !n.contains(".tmp")),
-                "{step}: {left:?}"
-            );
+            assert!(left.iter().all(|n| !n.contains(".tmp")), "{step}: {left:?}");
             if step != "sync_dir" {
                 assert_eq!(fs::read(&p).unwrap(), b"old", "{step}");
             }
@@ -533,7 +528,12 @@ mod tests {
         let link = dir.path().join("link.json");
         std::os::unix::fs::symlink(&real, &link).unwrap();
         write(&link, b"two", &Options::secret_with_backup()).unwrap();
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(fs::read(&real).unwrap(), b"two");
         assert_eq!(fs::read(backup_path(&real)).unwrap(), b"one");
         assert!(!backup_path(&link).exists(), "backup belongs to the target");

@@ -72,7 +72,10 @@ mod tests {
     fn derivations_are_stable_and_apart() {
         let m = KekMaterial::Local(Zeroizing::new([7u8; KEK_LEN]));
         // Known answers: a change here changes every key_id in the field.
-        assert_eq!(key_id(&m, 1, 1), "atrest-v1-k1-e1-cded4933dbb326ed1b649aedf54a64cd");
+        assert_eq!(
+            key_id(&m, 1, 1),
+            "atrest-v1-k1-e1-cded4933dbb326ed1b649aedf54a64cd"
+        );
         assert_ne!(key_id(&m, 1, 1), key_id(&m, 1, 2));
         assert!(key_id(&m, 3, 9).starts_with("atrest-v1-k3-e9-"));
         let fp = fingerprint(&m);

@@ -165,7 +165,12 @@ mod tests {
         let link = dir.path().join("keyring.json");
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let key_id = rotate(&link).unwrap().key_id;
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(list(&real).unwrap().key_id, key_id);
         assert!(dir.path().join("real.json.prev").exists());
         assert!(!dir.path().join("keyring.json.prev").exists());

@@ -171,7 +171,9 @@ impl KeyringFile {
         }
         if let Some(l) = &raw.lineage
             && (l.len() != 2 * LINEAGE_LEN
-                || !l.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+                || !l
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
         {
             return Err(format!(
                 "lineage is not {} lowercase hex digits",

@@ -242,7 +242,10 @@ mod tests {
         let e = check_against_prev(&path, &read_raw(&path).unwrap())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("lineage") && e.contains("keyring.json.prev"), "{e}");
+        assert!(
+            e.contains("lineage") && e.contains("keyring.json.prev"),
+            "{e}"
+        );
 
         // A rollback: the file is older than its .prev.
         let dir = tempfile::tempdir().unwrap();

@@ -175,7 +175,9 @@ impl Listing {
             self.generation,
             self.primary,
             self.key_id,
-            self.lineage.as_deref().unwrap_or("none (added on the next edit)")
+            self.lineage
+                .as_deref()
+                .unwrap_or("none (added on the next edit)")
         );
         let _ = writeln!(out, "{:<5} {:<13} {:<21} KEY_ID", "KEK", "STATE", "CREATED");
         for k in &self.keks {

@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 
 use crate::backend::KekSet;
 use crate::health::{Health, self_test};
-use ::keyring::{Dropped, check_successor, read_raw};
 use crate::keyring::{Keyring, LocalKeyring};
 use crate::metrics::{Metrics, ReloadResult};
+use ::keyring::{Dropped, check_successor, read_raw};
 
 /// Watches one keyring file and swaps it into a [`LocalKeyring`].
 #[derive(Debug)]

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use crate::cli::{
     Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint,
 };
-use ::keyring::edit;
 use crate::serve::{ServeConfig, serve, shutdown_signal};
+use ::keyring::edit;
 
 /// Exit code for a usage error (bad flag value).
 pub const EXIT_USAGE: u8 = 2;

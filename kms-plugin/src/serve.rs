@@ -13,12 +13,12 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::KekSet;
 use crate::health::Health;
-use ::keyring::KeyringError;
 use crate::keyring::{Keyring, LocalKeyring};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::service::KmsService;
 use crate::socket::{self, SocketAccess, SocketError};
+use ::keyring::KeyringError;
 use kms_client::Endpoint;
 
 /// Everything `serve` needs, validated.

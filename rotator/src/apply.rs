@@ -11,13 +11,13 @@ use crate::apiserver::{ApiError, Apiserver};
 use crate::fsio::{self, Written};
 use crate::gate::{self, GateError, GateReport};
 use crate::keyring::{KeyringCli, KeyringError};
-use ::keyring::Listing;
 use crate::plan::{self, Action, Gate, KeyringStep, Operation, Plan, PlanError};
 use crate::proof::{self, ProofSettings, ProofTimeout, Wanted};
 use crate::rewrite::{self, RewriteError, RewriteSettings};
 use crate::secret::SecretText;
 use crate::state::{State, StateError, Step, now};
 use crate::targets::Targets;
+use ::keyring::Listing;
 
 /// Everything `apply` and `resume` need besides the targets.
 #[derive(Debug, Clone)]

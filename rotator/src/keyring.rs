@@ -129,7 +129,9 @@ impl KeyringCli {
             keyring: keyring.to_owned(),
             message: e.to_string(),
         };
-        let format = serde_json::from_str::<Format>(text).map_err(bad_json)?.format;
+        let format = serde_json::from_str::<Format>(text)
+            .map_err(bad_json)?
+            .format;
         if format.as_ref().and_then(|f| f.as_str()) != Some(LISTING_FORMAT) {
             let found = match format {
                 None => "none (a kms-plugin older than listing formats)".to_owned(),
@@ -194,7 +196,10 @@ mod tests {
             let e = cli.parse_listing(Path::new("k"), &text).unwrap_err();
             assert!(matches!(e, KeyringError::UnknownFormat { .. }), "{e}");
             let shown = e.to_string();
-            assert!(shown.contains(want) && shown.contains("/opt/old/kms-plugin"), "{shown}");
+            assert!(
+                shown.contains(want) && shown.contains("/opt/old/kms-plugin"),
+                "{shown}"
+            );
         }
     }
 }

@@ -24,8 +24,8 @@ use storage_encryption::{
     KmsConfig, ProviderConfig, ResourceConfig, SecretBytes, config_file_hash,
 };
 
-use ::keyring::Listing;
 use crate::secret::SecretText;
+use ::keyring::Listing;
 
 /// A KMS v2 provider to add.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,7 +50,10 @@ async fn assert_not_a_successor(plugin: &PluginProcess, bytes: &[u8], why: &str)
     wait_reload(plugin, "rejected_successor", refused).await?;
 
     let status = plugin.status().await?;
-    assert_eq!(status.key_id, key_id, "the refused keyring changed the key_id");
+    assert_eq!(
+        status.key_id, key_id,
+        "the refused keyring changed the key_id"
+    );
     assert_eq!(status.healthz, "ok");
     assert_eq!(
         decrypt(&client, &before.ciphertext, &before.key_id).await?,
@@ -100,8 +103,7 @@ async fn this_keyring_with_edited_material_and_a_bumped_generation_is_refused() 
         serde_json::from_slice(&std::fs::read(plugin.keyring().path())?)?;
     json["generation"] = serde_json::json!(json["generation"].as_u64().unwrap() + 1);
     // Valid material (32 bytes), just not this KEK's.
-    json["keks"][0]["material"] =
-        serde_json::json!("RURJVEVEIEtFSyBNQVRFUklBTCAzMiBCWVRFUyEhISE=");
+    json["keks"][0]["material"] = serde_json::json!("RURJVEVEIEtFSyBNQVRFUklBTCAzMiBCWVRFUyEhISE=");
     assert_not_a_successor(
         &plugin,
         &serde_json::to_vec(&json)?,
@@ -132,8 +134,7 @@ async fn a_keyring_without_the_primary_in_service_is_refused() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn retiring_a_decrypt_only_kek_is_accepted_with_a_warning_naming_its_key_ids()
--> Result<()> {
+async fn retiring_a_decrypt_only_kek_is_accepted_with_a_warning_naming_its_key_ids() -> Result<()> {
     let plugin = start().await?;
     let first = plugin.status().await?.key_id;
     let old = encrypt(&plugin.client(), &seed(7)).await?;
@@ -196,10 +197,7 @@ async fn a_restart_refuses_a_keyring_that_is_not_a_successor_of_its_prev() -> Re
     // The operator means it: with .prev moved away, the plugin starts.
     std::fs::rename(&prev, dir.path().join("old-keyring.json"))?;
     let plugin = PluginProcess::start(PluginOptions::new().keyring(ours.path())).await?;
-    assert_eq!(
-        plugin.status().await?.key_id,
-        foreign.list().await?.key_id
-    );
+    assert_eq!(plugin.status().await?.key_id, foreign.list().await?.key_id);
     Ok(())
 }
 
@@ -260,7 +258,11 @@ async fn a_keyring_parse_error_never_echoes_what_was_pasted() -> Result<()> {
         let out = keyring.run("list", &[]).await?;
         assert_eq!(out.code(), Some(1), "{what}: {}", out.stderr);
         assert!(out.stderr.contains("not valid"), "{what}: {}", out.stderr);
-        assert!(!out.stderr.contains(&secret[..12]), "{what} echoed: {}", out.stderr);
+        assert!(
+            !out.stderr.contains(&secret[..12]),
+            "{what} echoed: {}",
+            out.stderr
+        );
     }
     Ok(())
 }

@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use ::keyring::RawKeyring;
+use ::keyring::{Dropped, KeyringError, KeyringFile, Listing};
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use arc_swap::ArcSwap;
-pub use ::keyring::RawKeyring;
-use ::keyring::{Dropped, KeyringError, KeyringFile, Listing};
 use zeroize::Zeroizing;
 
 use crate::backend::{DecryptError, EncryptError, KekBackend, KekSet};

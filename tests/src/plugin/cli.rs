@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
-use anyhow::{Context, Result, bail};
 use super::bin_path;
+use anyhow::{Context, Result, bail};
 
 /// What a finished CLI command printed and how it exited.
 #[derive(Debug)]
@@ -76,10 +76,10 @@ pub struct Keyring {
     path: PathBuf,
 }
 
-/// `keyring list --output json`: the keyring crate's one listing type.
-pub use keyring::Listing as KeyringList;
 /// One KEK in [`KeyringList`].
 pub use keyring::KekInfo as KekEntry;
+/// `keyring list --output json`: the keyring crate's one listing type.
+pub use keyring::Listing as KeyringList;
 
 impl Keyring {
     /// A handle on an existing keyring file.
@@ -154,7 +154,10 @@ impl Keyring {
         let list: KeyringList = serde_json::from_str(&stdout)
             .with_context(|| format!("parsing `keyring list --output json` output: {stdout}"))?;
         if list.format != keyring::LISTING_FORMAT {
-            bail!("`keyring list --output json` printed format {:?}", list.format);
+            bail!(
+                "`keyring list --output json` printed format {:?}",
+                list.format
+            );
         }
         Ok(list)
     }
