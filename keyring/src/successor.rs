@@ -213,3 +213,45 @@ mod tests {
         assert!(check_successor(&l, &listing(&with)).is_ok());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::file::KeyringFile;
+    use std::path::Path;
+
+    proptest::proptest! {
+        /// Any sequence of edits round-trips through the file format and
+        /// every step is a successor of the one before; only retire drops.
+        #[test]
+        fn every_edit_round_trips_and_is_a_successor(ops in proptest::collection::vec((0u8..4, 1u32..6), 1..12)) {
+            let mut f = KeyringFile::new_with_primary().unwrap();
+            for (op, n) in ops {
+                let before = Listing::of(&f);
+                let changed = match op {
+                    0 => f.add(true).is_ok(),
+                    1 => f.add(false).is_ok(),
+                    2 => f.promote(n).is_ok(),
+                    _ => f.retire(n).is_ok(),
+                };
+                let back = KeyringFile::parse(Path::new("k"), &f.to_bytes()).unwrap();
+                let after = Listing::of(&back);
+                proptest::prop_assert_eq!(&after, &Listing::of(&f));
+                let dropped = check_successor(&before, &after).unwrap();
+                proptest::prop_assert!(dropped.is_empty() || (op == 3 && changed));
+                if changed {
+                    proptest::prop_assert_eq!(after.generation, before.generation + 1);
+                } else {
+                    proptest::prop_assert_eq!(&after, &before);
+                }
+            }
+        }
+
+        /// Whatever bytes are on disk, parsing answers with an error or a
+        /// keyring, never a panic.
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = KeyringFile::parse(Path::new("k"), &bytes);
+        }
+    }
+}
