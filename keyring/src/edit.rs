@@ -64,10 +64,24 @@ fn edit_err(path: &Path) -> impl Fn(EditError) -> KeyringError + '_ {
 }
 
 /// `keyring init`: a new keyring with a fresh lineage and one primary KEK.
-/// Refuses to overwrite anything. Returns its listing.
+/// Refuses to overwrite anything, and refuses while an earlier keyring's
+/// `.prev` is beside the path (a plugin would judge the new keyring against
+/// it). Returns its listing.
 pub fn init(path: &Path) -> Result<Listing, KeyringError> {
     let target = resolve(path)?;
     let _lock = lock(&target)?;
+    let prev = atomic_file::backup_path(&target);
+    if std::fs::symlink_metadata(&target).is_err() && std::fs::symlink_metadata(&prev).is_ok() {
+        // A plugin judges a start against `.prev`: a new lineage beside an
+        // old keyring's `.prev` would be refused at the next restart.
+        return Err(KeyringError::Edit {
+            path: path.to_owned(),
+            reason: format!(
+                "{} is left from an earlier keyring; a plugin would refuse the new keyring against it: move it away first",
+                prev.display()
+            ),
+        });
+    }
     let keyring = KeyringFile::new_with_primary().map_err(edit_err(path))?;
     match atomic_file::write(&target, &keyring.to_bytes(), &Options::secret_new()) {
         Ok(_) => Ok(Listing::of(&keyring)),
@@ -176,6 +190,22 @@ mod tests {
         assert!(!dir.path().join("keyring.json.prev").exists());
         // init through a link to an existing file refuses too.
         assert!(matches!(init(&link), Err(KeyringError::AlreadyExists(_))));
+    }
+
+    #[test]
+    fn init_refuses_beside_an_earlier_keyrings_prev() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        init(&path).unwrap();
+        rotate(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        let e = init(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("keyring.json.prev") && e.contains("move it away"),
+            "{e}"
+        );
+        fs::remove_file(dir.path().join("keyring.json.prev")).unwrap();
+        init(&path).unwrap();
     }
 
     #[test]
