@@ -50,8 +50,9 @@ pub struct KeyringPath {
     pub keyring: PathBuf,
 }
 
-/// `keyring` subcommands. Every edit is atomic, keeps `<PATH>.prev`, and
-/// bumps the generation so running plugins pick it up (and refuse rollbacks).
+/// `keyring` subcommands. Every edit is atomic, keeps `<PATH>.prev` (0600),
+/// and bumps the generation so running plugins pick it up (and refuse
+/// rollbacks). A PATH that is a symlink is edited where it leads.
 #[derive(Debug, Subcommand)]
 pub enum KeyringCommand {
     /// Create a keyring with one primary KEK; refuses to overwrite. Prints its key_id.

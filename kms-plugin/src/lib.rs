@@ -3,7 +3,9 @@
 //! kube-apiserver calls it over gRPC on a unix socket to encrypt and decrypt
 //! 32-byte DEK seeds under a KEK from the local keyring file. Start reading at
 //! [`serve::serve`] (the daemon), [`service`] (the three RPCs), [`keyring`]
-//! (KEKs, key_ids, reload snapshots) and [`envelope`] (the ciphertext format).
+//! (the snapshot of KEKs in service; the file itself, key_ids and the
+//! successor check are the `keyring` crate's) and [`envelope`] (the
+//! ciphertext format).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use kms_client::{Endpoint, EndpointError};

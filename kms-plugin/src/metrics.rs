@@ -82,6 +82,9 @@ pub enum ReloadResult {
     RejectedRollback,
     /// The new keyring failed its encrypt/decrypt self-test.
     RejectedSelfTest,
+    /// Not a successor of the keyring in service (another lineage, changed
+    /// key material, or the primary gone).
+    RejectedSuccessor,
 }
 
 impl ReloadResult {
@@ -93,6 +96,7 @@ impl ReloadResult {
             ReloadResult::RejectedInvalid => "rejected_invalid",
             ReloadResult::RejectedRollback => "rejected_rollback",
             ReloadResult::RejectedSelfTest => "rejected_self_test",
+            ReloadResult::RejectedSuccessor => "rejected_successor",
         }
     }
 }
@@ -209,6 +213,7 @@ impl Metrics {
             ReloadResult::RejectedInvalid,
             ReloadResult::RejectedRollback,
             ReloadResult::RejectedSelfTest,
+            ReloadResult::RejectedSuccessor,
         ] {
             let _ = reloads.get_or_create(&ReloadLabels { result });
         }

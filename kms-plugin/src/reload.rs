@@ -1,8 +1,9 @@
 //! Keeps the keyring in service in step with its file: a directory watch
 //! (atomic renames replace the file, so the directory is what we watch) with
 //! a polling fallback. A file that cannot be read, is invalid, is older than
-//! the one in service, or fails the self-test is refused; the keyring in
-//! service keeps serving.
+//! the one in service, is not its successor (another lineage, changed key
+//! material, the primary gone: [`keyring::check_successor`]), or fails the
+//! self-test is refused; the keyring in service keeps serving.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,9 +14,9 @@ use tokio::sync::mpsc;
 
 use crate::backend::KekSet;
 use crate::health::{Health, self_test};
-use crate::keyring::file::read_raw;
 use crate::keyring::{Keyring, LocalKeyring};
 use crate::metrics::{Metrics, ReloadResult};
+use ::keyring::{Dropped, check_successor, read_raw};
 
 /// Watches one keyring file and swaps it into a [`LocalKeyring`].
 #[derive(Debug)]
@@ -78,13 +79,23 @@ impl Reloader {
                     current.generation()
                 ),
             )),
-            Ok(next) => match self_test(&next) {
-                Err(reason) => Err((ReloadResult::RejectedSelfTest, reason)),
-                Ok(()) => Ok(next),
+            Ok(next) => match check_successor(current.listing(), next.listing()) {
+                Err(refusal) => Err((
+                    ReloadResult::RejectedSuccessor,
+                    format!(
+                        "keyring {} is not a successor of the keyring in service: {refusal}",
+                        self.path.display()
+                    ),
+                )),
+                Ok(dropped) => match self_test(&next) {
+                    Err(reason) => Err((ReloadResult::RejectedSelfTest, reason)),
+                    Ok(()) => Ok((next, dropped)),
+                },
             },
         };
         match outcome {
-            Ok(next) => {
+            Ok((next, dropped)) => {
+                warn_dropped(&dropped, "compared with the keyring in service");
                 tracing::info!(
                     key_id = next.key_id(),
                     generation = next.generation(),
@@ -141,6 +152,18 @@ impl Reloader {
             }
             self.check();
         }
+    }
+}
+
+/// Logs at WARN the KEKs a new keyring no longer has: ciphertexts under
+/// their key_ids no longer decrypt.
+pub fn warn_dropped(dropped: &Dropped, compared: &str) {
+    if !dropped.is_empty() {
+        tracing::warn!(
+            keks = ?dropped.keks,
+            key_ids = ?dropped.key_ids,
+            "keyring drops decrypt-only KEKs ({compared}): ciphertexts under these key_ids no longer decrypt"
+        );
     }
 }
 

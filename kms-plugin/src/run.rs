@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use crate::cli::{
     Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint,
 };
-use crate::keyring::admin;
 use crate::serve::{ServeConfig, serve, shutdown_signal};
+use ::keyring::edit;
 
 /// Exit code for a usage error (bad flag value).
 pub const EXIT_USAGE: u8 = 2;
@@ -81,22 +81,35 @@ fn runtime_with(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtim
 
 fn keyring(cmd: KeyringCommand) -> ExitCode {
     let result = match cmd {
-        KeyringCommand::Init(p) => admin::init(&p.keyring).map(|id| println!("{id}")),
-        KeyringCommand::Rotate(p) => admin::rotate(&p.keyring).map(|id| println!("{id}")),
-        KeyringCommand::Add(p) => admin::add(&p.keyring).map(|n| println!("{n}")),
+        KeyringCommand::Init(p) => edit::init(&p.keyring).map(|l| println!("{}", l.key_id)),
+        KeyringCommand::Rotate(p) => edit::rotate(&p.keyring).map(|l| println!("{}", l.key_id)),
+        KeyringCommand::Add(p) => edit::add(&p.keyring).map(|n| println!("{n}")),
         KeyringCommand::Promote { path, kek } => {
-            admin::promote(&path.keyring, kek).map(|id| println!("{id}"))
+            edit::promote(&path.keyring, kek).map(|l| println!("{}", l.key_id))
         }
-        KeyringCommand::Retire { path, kek } => admin::retire(&path.keyring, kek),
-        KeyringCommand::List { path, output } => {
-            admin::list(&path.keyring).map(|listing| match output {
-                ListFormat::Text => print!("{}", listing.to_text()),
-                ListFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&listing).unwrap_or_default()
-                ),
-            })
-        }
+        KeyringCommand::Retire { path, kek } => edit::retire(&path.keyring, kek),
+        KeyringCommand::List { path, output } => match edit::list(&path.keyring) {
+            Err(e) => Err(e),
+            Ok(listing) => match output {
+                ListFormat::Text => {
+                    print!("{}", listing.to_text());
+                    Ok(())
+                }
+                // Printing nothing and exiting 0 would read as an empty keyring.
+                ListFormat::Json => match listing.to_json() {
+                    Ok(json) => {
+                        println!("{json}");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        return fail(
+                            format!("cannot render the keyring listing as JSON: {e}"),
+                            EXIT_FAILURE,
+                        );
+                    }
+                },
+            },
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,12 +13,12 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::KekSet;
 use crate::health::Health;
-use crate::keyring::file::KeyringFileError;
 use crate::keyring::{Keyring, LocalKeyring};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::service::KmsService;
 use crate::socket::{self, SocketAccess, SocketError};
+use ::keyring::KeyringError;
 use kms_client::Endpoint;
 
 /// Everything `serve` needs, validated.
@@ -45,7 +45,7 @@ pub struct ServeConfig {
 pub enum ServeError {
     /// The keyring could not be loaded at start.
     #[error(transparent)]
-    Keyring(#[from] KeyringFileError),
+    Keyring(#[from] KeyringError),
     /// The socket could not be set up.
     #[error(transparent)]
     Socket(#[from] SocketError),
@@ -70,7 +70,8 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let keyring = Keyring::load(&config.keyring)?;
+    let (keyring, dropped) = Keyring::load_at_start(&config.keyring)?;
+    crate::reload::warn_dropped(&dropped, "compared with the keyring's .prev");
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     health.check(&keyring);

@@ -14,13 +14,14 @@ use storage_encryption::{EncryptionConfiguration, config_file_hash, key_id_hash}
 use crate::apiserver::{ApiError, Apiserver};
 use crate::fsio::{self, Written};
 use crate::gate::{self, GateError, GateReport};
-use crate::keyring::{KeyringCli, KeyringError, KeyringInfo};
+use crate::keyring::{KeyringCli, KeyringError};
 use crate::plan::{self, Action, Gate, KeyringStep, Operation, Plan, PlanError};
 use crate::proof::{self, ProofSettings, ProofTimeout, Wanted};
 use crate::rewrite::{self, RewriteError, RewriteSettings};
 use crate::secret::SecretText;
 use crate::state::{State, StateError, Step, now};
 use crate::targets::{Host, Targets};
+use ::keyring::Listing;
 
 /// Everything `apply` and `resume` need besides the targets.
 #[derive(Debug, Clone)]
@@ -164,7 +165,7 @@ pub struct Inputs {
     /// It parsed.
     pub config: Option<EncryptionConfiguration>,
     /// The keyring listing of the first host (rotate-kek).
-    pub keyring: Option<KeyringInfo>,
+    pub keyring: Option<Listing>,
 }
 
 fn read_opt(host: &str, path: &Path) -> Result<Option<Vec<u8>>, ApplyError> {
@@ -584,7 +585,7 @@ fn distribute_keyring(targets: &Targets, state: &mut State) -> Result<(), ApplyE
     })?);
     for h in targets.others() {
         let dst = keyring_of(h)?;
-        if fsio::replace(dst, &bytes)? == Written::Replaced {
+        if fsio::replace(dst, &bytes)? != Written::Unchanged {
             state.event(format!(
                 "copied the keyring to {} ({})",
                 h.name,
@@ -629,7 +630,7 @@ fn write_config(
     check_drift(targets, state, index, hash)?;
     for h in targets.hosts() {
         match fsio::replace(&h.encryption_config, content.expose().as_bytes())? {
-            Written::Replaced => state.event(format!(
+            Written::Replaced | Written::Created => state.event(format!(
                 "wrote {hash} to {} ({})",
                 h.name,
                 h.encryption_config.display()
@@ -655,7 +656,7 @@ async fn add_kek(
         state.save(&settings.state_path)?;
     }
     let before = state.kek.keks_before_add.clone().unwrap_or_default();
-    let added = |info: &KeyringInfo| {
+    let added = |info: &Listing| {
         info.keks
             .iter()
             .map(|k| k.kek)
@@ -683,7 +684,7 @@ async fn add_kek(
 /// Records, before anything changes, which KEKs exist and every key_id of the
 /// primary one (the retire gate looks for them); refuses a keyring whose
 /// primary is not the one planned.
-fn record_old_kek(state: &mut State, info: &KeyringInfo, k0: &Path) -> Result<(), ApplyError> {
+fn record_old_kek(state: &mut State, info: &Listing, k0: &Path) -> Result<(), ApplyError> {
     let planned = state.plan.keyring.as_ref().map(|k| k.primary);
     if planned != Some(info.primary) {
         return Err(ApplyError::Drift {

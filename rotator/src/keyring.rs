@@ -3,51 +3,17 @@
 //! Each host's plugin has its own copy of one keyring file, and a `key_id`
 //! depends only on what is in the file, so the rotator changes the keyring of
 //! the first host with the CLI and copies that file byte for byte to the
-//! others (atomically, 0600, keeping a `.bak`). Promoting on every host
+//! others (atomically, 0600, keeping a `.prev`). Promoting on every host
 //! separately could give each host a different generation.
+//!
+//! The listing is the `keyring` crate's [`Listing`]; the rotator reads only a
+//! listing whose `format` it knows (why the rotator drives the CLI instead of
+//! linking the crate: see the `keyring` crate docs).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::{Deserialize, Serialize};
-
-/// One KEK as `keyring list --output json` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KekInfo {
-    /// KEK number.
-    pub kek: u32,
-    /// `primary` or `decrypt-only`.
-    pub state: String,
-    /// Its current key_id (public, not a secret); `None` for a KEK never primary.
-    #[serde(default)]
-    pub key_id: Option<String>,
-    /// Every key_id it ever had.
-    #[serde(default)]
-    pub key_ids: Vec<String>,
-}
-
-/// `keyring list --output json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyringInfo {
-    /// File generation (grows with each change).
-    pub generation: u64,
-    /// Number of the primary KEK.
-    pub primary: u32,
-    /// All KEKs.
-    pub keks: Vec<KekInfo>,
-}
-
-impl KeyringInfo {
-    /// The primary KEK's entry.
-    pub fn primary_kek(&self) -> Option<&KekInfo> {
-        self.keks.iter().find(|k| k.kek == self.primary)
-    }
-
-    /// A KEK by number.
-    pub fn kek(&self, n: u32) -> Option<&KekInfo> {
-        self.keks.iter().find(|k| k.kek == n)
-    }
-}
+use ::keyring::{LISTING_FORMAT, Listing};
 
 /// The CLI failed or said something unexpected.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +46,16 @@ pub enum KeyringError {
         keyring: PathBuf,
         /// Parser message.
         message: String,
+    },
+    /// The plugin binary prints a listing format this rotator does not know.
+    #[error(
+        "`{bin} keyring list` prints listing format {found}, but this rotator reads {LISTING_FORMAT:?}: use the kms-plugin released with this rotator"
+    )]
+    UnknownFormat {
+        /// The binary.
+        bin: PathBuf,
+        /// What it printed (escaped, shortened), or `none`.
+        found: String,
     },
 }
 
@@ -137,15 +113,40 @@ impl KeyringCli {
     }
 
     /// `keyring list --output json`.
-    pub fn list(&self, keyring: &Path) -> Result<KeyringInfo, KeyringError> {
+    pub fn list(&self, keyring: &Path) -> Result<Listing, KeyringError> {
         let text = self.run(keyring, "list", &["--output".into(), "json".into()])?;
-        serde_json::from_str(&text).map_err(|e| KeyringError::BadJson {
-            keyring: keyring.to_owned(),
-            message: e.to_string(),
-        })
+        self.parse_listing(keyring, &text)
     }
 
-    /// `keyring add`: a new decrypt-only KEK. Returns its key_id.
+    /// Reads a listing, refusing one whose `format` is not [`LISTING_FORMAT`]
+    /// before looking at anything else in it.
+    fn parse_listing(&self, keyring: &Path, text: &str) -> Result<Listing, KeyringError> {
+        #[derive(serde::Deserialize)]
+        struct Format {
+            format: Option<serde_json::Value>,
+        }
+        let bad_json = |e: serde_json::Error| KeyringError::BadJson {
+            keyring: keyring.to_owned(),
+            message: e.to_string(),
+        };
+        let format = serde_json::from_str::<Format>(text)
+            .map_err(bad_json)?
+            .format;
+        if format.as_ref().and_then(|f| f.as_str()) != Some(LISTING_FORMAT) {
+            let found = match format {
+                None => "none (a kms-plugin older than listing formats)".to_owned(),
+                // JSON text: quoted, control characters escaped.
+                Some(f) => f.to_string().chars().take(80).collect(),
+            };
+            return Err(KeyringError::UnknownFormat {
+                bin: self.bin.clone(),
+                found,
+            });
+        }
+        serde_json::from_str(text).map_err(bad_json)
+    }
+
+    /// `keyring add`: a new decrypt-only KEK. Returns its number.
     pub fn add(&self, keyring: &Path) -> Result<String, KeyringError> {
         self.run(keyring, "add", &[])
     }
@@ -167,18 +168,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_list_json() {
-        let text = r#"{"generation":3,"primary":2,"keks":[
-            {"kek":1,"state":"decrypt-only","created":"2026-01-01T00:00:00Z","key_id":"a","key_ids":["a"]},
-            {"kek":2,"state":"primary","created":"2026-01-02T00:00:00Z","key_id":"b2","key_ids":["b1","b2"]}]}"#;
-        let info: KeyringInfo = serde_json::from_str(text).unwrap();
+    fn reads_the_listing_of_its_format() {
+        let cli = KeyringCli::new(PathBuf::from("kms-plugin"));
+        let text = r#"{"format":"atrest.keyring.list/v1","generation":3,"primary":2,"key_id":"b2","keks":[
+            {"kek":1,"state":"decrypt-only","created":"2026-01-01T00:00:00Z","fingerprint":"f1","key_id":"a","key_ids":["a"]},
+            {"kek":2,"state":"primary","created":"2026-01-02T00:00:00Z","fingerprint":"f2","key_id":"b2","key_ids":["b1","b2"]},
+            {"kek":3,"state":"decrypt-only","created":"x","fingerprint":"f3","key_id":null,"key_ids":[]}]}"#;
+        let info = cli.parse_listing(Path::new("k"), text).unwrap();
         assert_eq!(info.primary_kek().unwrap().key_id.as_deref(), Some("b2"));
-        let fresh: KekInfo = serde_json::from_str(
-            r#"{"kek":3,"state":"decrypt-only","created":"x","key_id":null,"key_ids":[]}"#,
-        )
-        .unwrap();
-        assert_eq!(fresh.key_id, None);
-        assert_eq!(info.kek(1).unwrap().state, "decrypt-only");
-        assert!(info.kek(3).is_none());
+        assert_eq!(info.kek(3).unwrap().key_id, None);
+        assert_eq!(info.kek(1).unwrap().state, ::keyring::KekState::DecryptOnly);
+        assert!(info.kek(4).is_none());
+    }
+
+    #[test]
+    fn refuses_a_listing_of_another_or_no_format() {
+        let cli = KeyringCli::new(PathBuf::from("/opt/old/kms-plugin"));
+        let body = r#""generation":3,"primary":2,"keks":[{"kek":2,"state":"primary","key_id":"b","key_ids":["b"]}]"#;
+        for (text, want) in [
+            (format!("{{{body}}}"), "none"),
+            (
+                format!(r#"{{"format":"atrest.keyring.list/v2",{body}}}"#),
+                "\"atrest.keyring.list/v2\"",
+            ),
+            (format!(r#"{{"format":7,{body}}}"#), "format 7,"),
+        ] {
+            let e = cli.parse_listing(Path::new("k"), &text).unwrap_err();
+            assert!(matches!(e, KeyringError::UnknownFormat { .. }), "{e}");
+            let shown = e.to_string();
+            assert!(
+                shown.contains(want) && shown.contains("/opt/old/kms-plugin"),
+                "{shown}"
+            );
+        }
     }
 }

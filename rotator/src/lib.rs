@@ -16,7 +16,7 @@
 //! | the resumable state file (holds keys: mode 0600) | [`state`] |
 //! | running the stages, resuming after a kill | [`apply`] |
 //! | `rotator status` | [`status`] |
-//! | atomic 0600 writes with a `.bak` | [`fsio`] |
+//! | atomic 0600 writes with a `.prev` (the `atomic-file` crate) | [`fsio`] |
 //! | proof that every apiserver runs a stage (metrics, readiness) | [`metrics`], [`apiserver`], [`proof`] |
 //! | rewrite of every object through the API | [`rewrite`] |
 //! | the etcd audit gate before a removal (etcd-inspect's library) | [`gate`] |

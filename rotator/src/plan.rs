@@ -24,8 +24,8 @@ use storage_encryption::{
     KmsConfig, ProviderConfig, ResourceConfig, SecretBytes, config_file_hash,
 };
 
-use crate::keyring::KeyringInfo;
 use crate::secret::SecretText;
+use ::keyring::Listing;
 
 /// A KMS v2 provider to add.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +165,7 @@ pub struct Plan {
     /// Its hash.
     pub original_hash: Option<String>,
     /// The keyring when the plan was made (rotate-kek only).
-    pub keyring: Option<KeyringInfo>,
+    pub keyring: Option<Listing>,
     /// The stages, in order.
     pub stages: Vec<Stage>,
 }
@@ -228,7 +228,7 @@ pub type KeyGen<'a> = dyn FnMut() -> Result<SecretBytes, crate::keygen::KeygenEr
 pub fn build(
     op: &Operation,
     current: Option<&EncryptionConfiguration>,
-    keyring: Option<&KeyringInfo>,
+    keyring: Option<&Listing>,
     keygen: &mut KeyGen<'_>,
 ) -> Result<Plan, PlanError> {
     let name = op.name();
@@ -508,7 +508,7 @@ fn rotate_key(
 
 fn rotate_kek(
     base: &EncryptionConfiguration,
-    keyring: Option<&KeyringInfo>,
+    keyring: Option<&Listing>,
 ) -> Result<Vec<Stage>, PlanError> {
     const OP: &str = "rotate-kek";
     let entries: Vec<usize> = base
@@ -815,7 +815,7 @@ fn disable(base: &EncryptionConfiguration) -> Result<Vec<Stage>, PlanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyring::KekInfo;
+    use ::keyring::{KekInfo, KekState};
 
     const B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
@@ -1094,12 +1094,17 @@ mod tests {
         let base = cfg(
             "- resources: [secrets]\n  providers:\n  - kms:\n      apiVersion: v2\n      name: p\n      endpoint: unix:///x.sock\n  - identity: {}\n",
         );
-        let info = KeyringInfo {
+        let info = Listing {
+            format: ::keyring::LISTING_FORMAT.into(),
+            lineage: None,
             generation: 1,
             primary: 1,
+            key_id: "id1".into(),
             keks: vec![KekInfo {
                 kek: 1,
-                state: "primary".into(),
+                state: KekState::Primary,
+                created: "2026-01-01T00:00:00Z".into(),
+                fingerprint: "f1".into(),
                 key_id: Some("id1".into()),
                 key_ids: vec!["id1".into()],
             }],

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rotator::keyring::{KekInfo, KeyringInfo};
+use keyring::{KekInfo, KekState, Listing};
 use rotator::plan::{KmsSpec, NewProvider, Operation, build};
 use rotator::render::render_plan;
 use rotator::targets::Targets;
@@ -82,7 +82,7 @@ fn on_kms() -> EncryptionConfiguration {
 fn plan_text(
     op: Operation,
     current: Option<EncryptionConfiguration>,
-    keyring: Option<KeyringInfo>,
+    keyring: Option<Listing>,
 ) -> String {
     let mut n = 0u8;
     let mut keygen = || {
@@ -156,22 +156,23 @@ fn plan_disable() {
 
 #[test]
 fn plan_rotate_kek() {
-    let info = KeyringInfo {
+    let kek = |kek: u32, state, key_id: &str| KekInfo {
+        kek,
+        state,
+        created: "2026-01-01T00:00:00Z".into(),
+        fingerprint: format!("fingerprint-{kek}"),
+        key_id: Some(key_id.into()),
+        key_ids: vec![key_id.into()],
+    };
+    let info = Listing {
+        format: keyring::LISTING_FORMAT.into(),
+        lineage: None,
         generation: 4,
         primary: 2,
+        key_id: "atrest-kek-2-g3".into(),
         keks: vec![
-            KekInfo {
-                kek: 1,
-                state: "decrypt-only".into(),
-                key_id: Some("atrest-kek-1-g1".into()),
-                key_ids: vec!["atrest-kek-1-g1".into()],
-            },
-            KekInfo {
-                kek: 2,
-                state: "primary".into(),
-                key_id: Some("atrest-kek-2-g3".into()),
-                key_ids: vec!["atrest-kek-2-g3".into()],
-            },
+            kek(1, KekState::DecryptOnly, "atrest-kek-1-g1"),
+            kek(2, KekState::Primary, "atrest-kek-2-g3"),
         ],
     };
     check(

@@ -747,7 +747,7 @@ impl Cluster {
     }
 
     /// The end state of a finished rotate-key from [`aescbc_config`]: every
-    /// host has the new key only (0600, the previous stage's file as `.bak`),
+    /// host has the new key only (0600, the previous stage's file as `.prev`),
     /// every value is under it, the real audit finds nothing, the run is
     /// finished, and no status output shows the generated key.
     pub async fn assert_rotated(&self) {
@@ -755,7 +755,7 @@ impl Cluster {
         assert_eq!(key_names(&cfg), ["key2"]);
         for h in &self.hosts {
             assert_eq!(mode(&h.config), 0o600, "{}", h.config.display());
-            let bak = h.config.with_file_name("encryption-config.yaml.bak");
+            let bak = h.config.with_file_name("encryption-config.yaml.prev");
             assert_eq!(mode(&bak), 0o600);
             assert_eq!(
                 key_names(&std::fs::read_to_string(&bak).unwrap()),

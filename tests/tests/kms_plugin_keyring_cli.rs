@@ -70,7 +70,7 @@ async fn edits_print_the_key_id_that_list_then_reports() -> Result<()> {
     let list = keyring.list().await?;
     assert_eq!(list.generation, 1);
     assert_eq!(
-        list.primary_entry().unwrap().key_id.as_deref(),
+        list.primary_kek().unwrap().key_id.as_deref(),
         Some(first.as_str())
     );
     assert_eq!(list.keks.len(), 1);
@@ -86,7 +86,7 @@ async fn edits_print_the_key_id_that_list_then_reports() -> Result<()> {
     assert_eq!(list.generation, 2);
     assert_eq!(list.primary, 2);
     assert_eq!(
-        list.primary_entry().unwrap().key_id.as_deref(),
+        list.primary_kek().unwrap().key_id.as_deref(),
         Some(second.as_str())
     );
 

@@ -50,7 +50,7 @@ async fn rotate_while_serving_moves_status_to_the_new_key_id() -> Result<()> {
             .keyring()
             .list()
             .await?
-            .primary_entry()
+            .primary_kek()
             .unwrap()
             .key_id
             .as_deref(),
@@ -68,7 +68,7 @@ async fn rotate_while_serving_moves_status_to_the_new_key_id() -> Result<()> {
     let list = plugin.keyring().list().await?;
     assert_eq!(list.keks.len(), 2);
     assert_eq!(
-        list.primary_entry().unwrap().key_id.as_deref(),
+        list.primary_kek().unwrap().key_id.as_deref(),
         Some(printed.as_str())
     );
     assert_eq!(list.keks.iter().filter(|k| k.state == "primary").count(), 1);
@@ -139,7 +139,7 @@ async fn promoting_the_old_kek_again_gives_a_never_seen_key_id() -> Result<()> {
 
     let list = keyring.list().await?;
     assert_eq!(list.primary, 1, "KEK 1 is primary again");
-    let kek1 = list.primary_entry().unwrap();
+    let kek1 = list.primary_kek().unwrap();
     assert_eq!(kek1.key_id.as_deref(), Some(third.as_str()));
     assert!(kek1.key_ids.contains(&under_first.key_id) && kek1.key_ids.contains(&third));
 

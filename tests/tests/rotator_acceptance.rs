@@ -320,7 +320,7 @@ async fn every_operation_across_three_hosts_with_5000_objects() {
         now.keks.iter().all(|k| k.kek != old.primary),
         "old KEK still in the keyring"
     );
-    let new_key_id = now.primary_entry().unwrap().key_id.clone().unwrap();
+    let new_key_id = now.primary_kek().unwrap().key_id.clone().unwrap();
     c.audit("kms-v2", Some("a"));
     assert_key_ids(&c, "a", &new_key_id).await;
     eprintln!("rotate-kek done at {:?}", t0.elapsed());
@@ -355,12 +355,12 @@ async fn every_operation_across_three_hosts_with_5000_objects() {
     assert!(report.rounds >= 6, "{report:?}");
 }
 
-/// Every host's `.bak` (the file of the stage before the last, i.e. the last
+/// Every host's `.prev` (the file of the stage before the last, i.e. the last
 /// one before the removal) still holds both the old and the new provider / key:
 /// the old one was removed only by the last stage.
 fn assert_bak_has(c: &Cluster, needles: &[&str]) {
     for h in &c.hosts {
-        let bak = std::fs::read_to_string(h.config.with_extension("yaml.bak")).unwrap();
+        let bak = std::fs::read_to_string(h.config.with_extension("yaml.prev")).unwrap();
         for n in needles {
             assert!(
                 bak.contains(n),
@@ -641,7 +641,7 @@ async fn rotate_kek_killed_at_every_stage_boundary_then_resumed() {
     let now = Keyring::at(&c.hosts[1].keyring).list().await.unwrap();
     c.keyring_bytes();
     assert!(now.keks.iter().all(|k| k.kek != old.primary));
-    let new_key_id = now.primary_entry().unwrap().key_id.clone().unwrap();
+    let new_key_id = now.primary_kek().unwrap().key_id.clone().unwrap();
     c.audit("kms-v2", Some("a"));
     assert_key_ids(&c, "a", &new_key_id).await;
     assert_reads_clean(reader, false).await;

@@ -55,7 +55,7 @@ async fn rotate_kek_across_two_hosts() {
     let mut c = Cluster::start(opts).await;
     let first = Keyring::at(&c.hosts[0].keyring);
     let old = first.list().await.unwrap();
-    let old_key_id = old.primary_entry().unwrap().key_id.clone().unwrap();
+    let old_key_id = old.primary_kek().unwrap().key_id.clone().unwrap();
     c.seed(80, 0).await;
     assert!(key_ids(&c.etcd).await.iter().all(|id| *id == old_key_id));
     let secrets: Api<Secret> = Api::namespaced(c.client(0), "default");
@@ -110,7 +110,7 @@ async fn rotate_kek_across_two_hosts() {
         now.keks.iter().all(|k| k.kek != old_kek),
         "old KEK {old_kek} still in {now:?}"
     );
-    let new_key_id = now.primary_entry().unwrap().key_id.clone().unwrap();
+    let new_key_id = now.primary_kek().unwrap().key_id.clone().unwrap();
     assert_ne!(new_key_id, old_key_id);
     let ids = key_ids(&c.etcd).await;
     assert_eq!(ids.len(), 80);

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use kms_plugin::backend::KekSet;
 use kms_plugin::envelope::Envelope;
 use kms_plugin::keyring::Keyring;
-use kms_plugin::keyring::file::RawKeyring;
+use kms_plugin::keyring::RawKeyring;
 use libfuzzer_sys::fuzz_target;
 
 // A test-only keyring (two KEKs, KEK 1 reinstated); never used anywhere else.

@@ -1,172 +1,104 @@
-//! The local keyring: the default KEK backend.
+//! The local keyring backend: one loaded, immutable snapshot of the keyring
+//! file with its ciphers ready ([`Keyring`]), and the snapshot in service,
+//! swapped atomically on reload ([`LocalKeyring`]).
 //!
-//! [`file`] is the on-disk format and its edits; [`Keyring`] is one loaded,
-//! immutable snapshot of it with ciphers ready; [`LocalKeyring`] holds the
-//! snapshot in service and swaps it atomically on reload.
-
-pub mod admin;
-pub mod file;
+//! The file itself (format, rules, edits, key_id derivation, the listing and
+//! the successor check) is the `keyring` crate's; this module only serves it.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use ::keyring::RawKeyring;
+use ::keyring::{Dropped, KeyringError, KeyringFile, Listing};
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use arc_swap::ArcSwap;
-use hkdf::Hkdf;
-use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::backend::{DecryptError, EncryptError, KekBackend, KekSet};
 use crate::envelope::{self, Envelope, MAX_PLAINTEXT_LEN};
-use file::{KeyringFile, KeyringFileError, RawKeyring};
 
-/// HKDF info for the AES-256-GCM key a KEK encrypts with (kept apart from the
-/// key_id derivation, so a key_id reveals nothing about the encryption key).
-const ENCRYPTION_KEY_INFO: &[u8] = b"atrest kms-plugin v1 kek encryption key";
-/// HKDF info prefix for key_ids.
-const KEY_ID_INFO: &[u8] = b"atrest kms-plugin v1 key_id";
-
-/// One KEK with its cipher ready and every key_id it answers to.
+/// One KEK with its cipher ready.
 struct Kek {
     number: u32,
     cipher: Aes256Gcm,
 }
 
-/// What `keyring list` and metrics show of a KEK. No key bytes.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct KekInfo {
-    /// Its number in the keyring.
-    pub kek: u32,
-    /// `primary` or `decrypt-only`.
-    pub state: &'static str,
-    /// When it was generated.
-    pub created: String,
-    /// Its latest key_id, if it was ever primary.
-    pub key_id: Option<String>,
-    /// Every key_id it ever had, oldest first.
-    pub key_ids: Vec<String>,
-}
-
 /// One loaded keyring file: immutable, shared by every call that started
 /// while it was in service.
 pub struct Keyring {
-    generation: u64,
     digest: [u8; 32],
     primary: Arc<Kek>,
-    primary_key_id: String,
     by_key_id: HashMap<String, Arc<Kek>>,
-    infos: Vec<KekInfo>,
+    /// What `keyring list` shows of it (no key bytes); also what the next
+    /// file is judged against.
+    listing: Listing,
 }
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring")
-            .field("generation", &self.generation)
-            .field("primary_key_id", &self.primary_key_id)
-            .field("keks", &self.infos)
+            .field("listing", &self.listing)
             .finish_non_exhaustive()
-    }
-}
-
-/// The key_id of `kek` promoted at `epoch`: public, derived, never secret.
-/// The HKDF output is a PRF of the key, so it says nothing about the key; the
-/// epoch makes a reinstated KEK's id new.
-fn derive_key_id(material: &[u8; file::KEK_LEN], kek: u32, epoch: u32) -> String {
-    let mut info = Vec::with_capacity(KEY_ID_INFO.len() + 8);
-    info.extend_from_slice(KEY_ID_INFO);
-    info.extend_from_slice(&kek.to_be_bytes());
-    info.extend_from_slice(&epoch.to_be_bytes());
-    let mut out = [0u8; 16];
-    expand(material, &info, &mut out);
-    format!("atrest-v1-k{kek}-e{epoch}-{}", hex::encode(out))
-}
-
-fn expand(material: &[u8; file::KEK_LEN], info: &[u8], out: &mut [u8]) {
-    // from_prk only fails for a PRK shorter than the hash (32 bytes), and
-    // expand only for outputs over 255*32 bytes: neither can happen here.
-    if let Ok(hk) = Hkdf::<Sha256>::from_prk(material) {
-        let _ = hk.expand(info, out);
     }
 }
 
 impl Keyring {
     /// Builds a snapshot from raw file bytes.
-    pub fn from_raw(path: &Path, raw: &RawKeyring) -> Result<Self, KeyringFileError> {
+    pub fn from_raw(path: &Path, raw: &RawKeyring) -> Result<Self, KeyringError> {
         let file = KeyringFile::parse(path, &raw.bytes)?;
         Self::from_file(path, &file, raw.digest)
     }
 
     /// Reads and builds a snapshot from the file at `path`.
-    pub fn load(path: &Path) -> Result<Self, KeyringFileError> {
-        Self::from_raw(path, &file::read_raw(path)?)
+    pub fn load(path: &Path) -> Result<Self, KeyringError> {
+        Self::from_raw(path, &::keyring::read_raw(path)?)
     }
 
-    fn from_file(
-        path: &Path,
-        file: &KeyringFile,
-        digest: [u8; 32],
-    ) -> Result<Self, KeyringFileError> {
-        let invalid = |reason: String| KeyringFileError::Invalid {
-            path: path.to_owned(),
-            reason,
-        };
-        let primary_number = file
-            .primary()
-            .map(|r| r.kek)
-            .ok_or_else(|| invalid("no primary KEK".into()))?;
+    /// What `serve` loads at start: the file at `path`, which must be a newer
+    /// successor of `<path>.prev` where that exists. Also returns the KEKs
+    /// `.prev` had and this file dropped (to log).
+    pub fn load_at_start(path: &Path) -> Result<(Self, Dropped), KeyringError> {
+        let raw = ::keyring::read_raw(path)?;
+        let keyring = Self::from_raw(path, &raw)?;
+        let dropped = ::keyring::check_against_prev(path, &raw)?;
+        Ok((keyring, dropped))
+    }
+
+    fn from_file(path: &Path, file: &KeyringFile, digest: [u8; 32]) -> Result<Self, KeyringError> {
+        let listing = Listing::of(file);
         let mut by_key_id = HashMap::new();
-        let mut infos = Vec::with_capacity(file.keks.len());
         let mut primary = None;
-        let mut primary_key_id = String::new();
-        for record in &file.keks {
-            let material = record.material().map_err(invalid)?;
-            let mut enc_key = Zeroizing::new([0u8; 32]);
-            expand(&material, ENCRYPTION_KEY_INFO, enc_key.as_mut());
-            let kek = Arc::new(Kek {
-                number: record.kek,
+        for (kek, info) in file.keks().iter().zip(&listing.keks) {
+            let enc_key = ::keyring::derive::encryption_key(kek.material());
+            let served = Arc::new(Kek {
+                number: kek.number,
                 cipher: Aes256Gcm::new(enc_key.as_ref().into()),
             });
-            let key_ids: Vec<String> = record
-                .promotions
-                .iter()
-                .map(|epoch| derive_key_id(&material, record.kek, *epoch))
-                .collect();
-            for id in &key_ids {
-                by_key_id.insert(id.clone(), kek.clone());
+            for id in &info.key_ids {
+                by_key_id.insert(id.clone(), served.clone());
             }
-            let is_primary = record.kek == primary_number;
-            if is_primary {
-                primary_key_id = key_ids.last().cloned().unwrap_or_default();
-                primary = Some(kek.clone());
+            if kek.number == listing.primary {
+                primary = Some(served);
             }
-            infos.push(KekInfo {
-                kek: record.kek,
-                state: if is_primary {
-                    "primary"
-                } else {
-                    "decrypt-only"
-                },
-                created: record.created.clone(),
-                key_id: key_ids.last().cloned(),
-                key_ids,
-            });
         }
-        let primary = primary.ok_or_else(|| invalid("no primary KEK".into()))?;
+        // Validation already refuses a keyring where no KEK was ever promoted.
+        let primary = primary.ok_or_else(|| KeyringError::Invalid {
+            path: path.to_owned(),
+            reason: "no primary KEK".into(),
+        })?;
         Ok(Keyring {
-            generation: file.generation,
             digest,
             primary,
-            primary_key_id,
             by_key_id,
-            infos,
+            listing,
         })
     }
 
     /// The file's generation.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.listing.generation
     }
 
     /// SHA-256 of the file this snapshot was built from.
@@ -174,15 +106,15 @@ impl Keyring {
         self.digest
     }
 
-    /// What `keyring list` shows.
-    pub fn infos(&self) -> &[KekInfo] {
-        &self.infos
+    /// What `keyring list` shows of it.
+    pub fn listing(&self) -> &Listing {
+        &self.listing
     }
 }
 
 impl KekSet for Keyring {
     fn key_id(&self) -> &str {
-        &self.primary_key_id
+        &self.listing.key_id
     }
 
     fn encrypt(&self, plaintext: &[u8]) -> Result<Vec<u8>, EncryptError> {
@@ -194,7 +126,7 @@ impl KekSet for Keyring {
         }
         let header = Envelope::header_for(self.primary.number);
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let aad = envelope::associated_data(&header, &self.primary_key_id);
+        let aad = envelope::associated_data(&header, &self.listing.key_id);
         let sealed = self
             .primary
             .cipher
@@ -239,7 +171,7 @@ impl KekSet for Keyring {
     }
 
     fn kek_count(&self) -> usize {
-        self.infos.len()
+        self.listing.keks.len()
     }
 }
 
@@ -285,16 +217,18 @@ impl KekBackend for LocalKeyring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn keyring(file: &KeyringFile) -> Keyring {
-        Keyring::from_file(&PathBuf::from("k.json"), file, [0; 32]).unwrap()
+        Keyring::from_file(Path::new("k.json"), file, [0; 32]).unwrap()
+    }
+
+    fn new_file() -> KeyringFile {
+        KeyringFile::new_with_primary().unwrap()
     }
 
     #[test]
     fn round_trip_and_binding_to_key_id() {
-        let p = Path::new("k.json");
-        let mut f = KeyringFile::new_with_primary();
+        let mut f = new_file();
         let k1 = keyring(&f);
         let ct = k1.encrypt(b"seed seed seed seed seed seed 32").unwrap();
         assert_eq!(
@@ -307,7 +241,7 @@ mod tests {
             "nonce reuse"
         );
 
-        f.add(true);
+        f.add(true).unwrap();
         let k2 = keyring(&f);
         assert_ne!(k1.key_id(), k2.key_id());
         assert!(
@@ -315,7 +249,7 @@ mod tests {
             "old ciphertext must still decrypt"
         );
         // The right KEK but the wrong key_id fails: the key_id is bound.
-        f.promote(p, 1).unwrap();
+        f.promote(1).unwrap();
         let k3 = keyring(&f);
         assert!(k3.key_id().starts_with("atrest-v1-k1-e3-"));
         assert_ne!(k3.key_id(), k1.key_id(), "reinstated KEK reused a key_id");
@@ -329,7 +263,7 @@ mod tests {
 
     #[test]
     fn key_ids_depend_only_on_the_file() {
-        let f = KeyringFile::new_with_primary();
+        let f = new_file();
         let bytes = f.to_bytes();
         let a = keyring(&KeyringFile::parse(Path::new("a"), &bytes).unwrap());
         let b = keyring(&KeyringFile::parse(Path::new("b"), &bytes).unwrap());
@@ -340,7 +274,7 @@ mod tests {
 
     #[test]
     fn plaintext_limits() {
-        let k = keyring(&KeyringFile::new_with_primary());
+        let k = keyring(&new_file());
         assert_eq!(k.encrypt(b""), Err(EncryptError::EmptyPlaintext));
         let max = vec![7u8; MAX_PLAINTEXT_LEN];
         assert_eq!(k.encrypt(&max).unwrap().len(), 1024);
@@ -352,7 +286,7 @@ mod tests {
 
     #[test]
     fn tampering_anywhere_is_refused() {
-        let k = keyring(&KeyringFile::new_with_primary());
+        let k = keyring(&new_file());
         let ct = k.encrypt(&[9u8; 32]).unwrap();
         for i in 0..ct.len() {
             let mut bad = ct.clone();
@@ -378,7 +312,7 @@ mod tests {
             key_id in ".{0,80}",
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1100),
         ) {
-            let k = keyring(&KeyringFile::new_with_primary());
+            let k = keyring(&new_file());
             proptest::prop_assert!(k.decrypt(&key_id, &bytes).is_err());
             let mut ours = Envelope::header_for(1).to_vec();
             ours.extend_from_slice(&bytes);
@@ -388,8 +322,10 @@ mod tests {
 
     #[test]
     fn debug_shows_no_key_bytes() {
-        let f = KeyringFile::new_with_primary();
-        let material = f.keks[0].material().unwrap();
+        let f = new_file();
+        let ::keyring::KekMaterial::Local(material) = f.keks()[0].material() else {
+            unreachable!("a new keyring holds local KEKs")
+        };
         let k = keyring(&f);
         let shown = format!("{k:?} {:?}", LocalKeyring::new(keyring(&f)));
         let hexed = hex::encode(material.as_ref());

@@ -3,10 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
-use anyhow::{Context, Result, bail};
-use serde::Deserialize;
-
 use super::bin_path;
+use anyhow::{Context, Result, bail};
 
 /// What a finished CLI command printed and how it exited.
 #[derive(Debug)]
@@ -78,47 +76,10 @@ pub struct Keyring {
     path: PathBuf,
 }
 
-/// `keyring list --output json`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct KeyringList {
-    /// Increases with every change of the keyring.
-    pub generation: u64,
-    /// Number of the primary KEK.
-    pub primary: u32,
-    /// Every KEK.
-    pub keks: Vec<KekEntry>,
-}
-
 /// One KEK in [`KeyringList`].
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct KekEntry {
-    /// KEK number (what `--kek N` names).
-    pub kek: u32,
-    /// `primary` or `decrypt-only`.
-    pub state: String,
-    /// RFC 3339 creation time.
-    pub created: String,
-    /// The KEK's current (or last) key_id; none for a KEK added with
-    /// `keyring add` and never promoted (it was never primary).
-    pub key_id: Option<String>,
-    /// Every key_id this KEK ever had.
-    pub key_ids: Vec<String>,
-}
-
-impl KeyringList {
-    /// Every key_id of every KEK.
-    pub fn all_key_ids(&self) -> Vec<String> {
-        self.keks
-            .iter()
-            .flat_map(|k| k.key_ids.iter().cloned())
-            .collect()
-    }
-
-    /// The primary KEK's entry.
-    pub fn primary_entry(&self) -> Option<&KekEntry> {
-        self.keks.iter().find(|k| k.kek == self.primary)
-    }
-}
+pub use keyring::KekInfo as KekEntry;
+/// `keyring list --output json`: the keyring crate's one listing type.
+pub use keyring::Listing as KeyringList;
 
 impl Keyring {
     /// A handle on an existing keyring file.
@@ -186,10 +147,18 @@ impl Keyring {
         Ok(())
     }
 
-    /// `keyring list --output json`, parsed.
+    /// `keyring list --output json`, parsed; its `format` must be this
+    /// build's.
     pub async fn list(&self) -> Result<KeyringList> {
         let stdout = self.run("list", &["--output", "json"]).await?.success()?;
-        serde_json::from_str(&stdout)
-            .with_context(|| format!("parsing `keyring list --output json` output: {stdout}"))
+        let list: KeyringList = serde_json::from_str(&stdout)
+            .with_context(|| format!("parsing `keyring list --output json` output: {stdout}"))?;
+        if list.format != keyring::LISTING_FORMAT {
+            bail!(
+                "`keyring list --output json` printed format {:?}",
+                list.format
+            );
+        }
+        Ok(list)
     }
 }
