@@ -22,3 +22,4 @@ pub mod run;
 pub mod serve;
 pub mod service;
 pub mod socket;
+pub mod transport;

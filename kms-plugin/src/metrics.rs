@@ -154,6 +154,8 @@ pub struct Metrics {
     key_id_hash: Family<KeyIdLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
     reads: Counter,
+    connections: Gauge,
+    accept_backoffs: Counter,
     file_ok: Gauge,
     file_rejected: Family<RejectedLabels, Gauge>,
     keks: Gauge,
@@ -182,6 +184,8 @@ impl Metrics {
         let key_id_hash = Family::<KeyIdLabels, Gauge>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let reads = Counter::default();
+        let connections = Gauge::default();
+        let accept_backoffs = Counter::default();
         let file_ok = Gauge::default();
         let file_rejected = Family::<RejectedLabels, Gauge>::default();
         let keks = Gauge::default();
@@ -221,6 +225,16 @@ impl Metrics {
             "1 for the reason the keyring file on disk is refused now, 0 for the others",
             file_rejected.clone(),
         );
+        registry.register(
+            "connections",
+            "Client connections open on the gRPC socket",
+            connections.clone(),
+        );
+        registry.register(
+            "accept_backoffs",
+            "Accepts that failed for lack of file descriptors or memory (each followed by a pause)",
+            accept_backoffs.clone(),
+        );
         registry.register("keks", "KEKs in the keyring in service", keks.clone());
         registry.register(
             "healthy",
@@ -251,6 +265,8 @@ impl Metrics {
             key_id_hash,
             reloads,
             reads,
+            connections,
+            accept_backoffs,
             file_ok,
             file_rejected,
             keks,
@@ -276,6 +292,16 @@ impl Metrics {
     /// Counts one read of the keyring file.
     pub fn observe_read(&self) {
         self.reads.inc();
+    }
+
+    /// Publishes how many client connections are open.
+    pub fn set_connections(&self, open: i64) {
+        self.connections.set(open);
+    }
+
+    /// Counts one accept that failed for lack of resources.
+    pub fn observe_accept_backoff(&self) {
+        self.accept_backoffs.inc();
     }
 
     /// Publishes whether the keyring file on disk is refused, and why
