@@ -44,8 +44,9 @@ const READ_STUCK_AFTER: Duration = Duration::from_secs(5);
 pub enum Candidate {
     /// The file could not be read (the message names the path and the OS error).
     Unreadable(String),
-    /// Same bytes as the keyring in service, or as the last refused file.
-    Unchanged,
+    /// Same bytes as the keyring in service, or as the last refused file
+    /// (which of the two: the digest says).
+    Unchanged([u8; 32]),
     /// The bytes do not make a keyring.
     Invalid {
         /// SHA-256 of the content.
@@ -65,7 +66,7 @@ pub fn read_candidate(path: &Path, skip: &[[u8; 32]]) -> Candidate {
         Err(e) => return Candidate::Unreadable(e.to_string()),
     };
     if skip.contains(&raw.digest) {
-        return Candidate::Unchanged;
+        return Candidate::Unchanged(raw.digest);
     }
     match Keyring::from_raw(path, &raw) {
         Ok(keyring) => Candidate::Parsed(keyring),
@@ -91,8 +92,9 @@ pub struct Reloader {
     backend: Arc<LocalKeyring>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    /// The last file content we refused, so a bad file is reported once.
-    last_refused: Option<[u8; 32]>,
+    /// The last file content we refused (digest, result, reason), so a bad
+    /// file is reported once and its refusal stays visible.
+    last_refused: Option<([u8; 32], ReloadResult, String)>,
     /// The last read error, so an unreadable file is reported once.
     last_read_error: Option<String>,
 }
@@ -126,7 +128,7 @@ impl Reloader {
     /// Digests whose content needs no second look.
     fn skip_digests(&self) -> Vec<[u8; 32]> {
         let mut skip = vec![self.backend.snapshot().digest()];
-        skip.extend(self.last_refused);
+        skip.extend(self.last_refused.as_ref().map(|(digest, _, _)| *digest));
         skip
     }
 
@@ -162,10 +164,17 @@ impl Reloader {
                     .observe_reload(ReloadResult::RejectedUnreadable);
                 return Some(ReloadResult::RejectedUnreadable);
             }
-            Candidate::Unchanged => {
-                if self.last_read_error.take().is_some() {
-                    // Readable again, and what it holds is already judged.
-                    self.refresh_file_status(&current);
+            Candidate::Unchanged(digest) => {
+                self.last_read_error = None;
+                if digest == current.digest() {
+                    // Back to the keyring in service (after a refusal, or
+                    // after an unreadable spell).
+                    self.last_refused = None;
+                    self.file_ok();
+                } else if let Some((_, result, reason)) = &self.last_refused {
+                    // Still the file refused before (say so again, in case
+                    // a stalled read was reported in between).
+                    self.file_refused(*result, reason);
                 }
                 return None;
             }
@@ -202,26 +211,19 @@ impl Reloader {
                     key_id = current.key_id(),
                     "keyring reload refused: the keyring in service keeps serving"
                 );
-                self.last_refused = Some(digest);
                 self.file_refused(result, &reason);
+                self.last_refused = Some((digest, result, reason));
                 self.metrics.observe_reload(result);
                 Some(result)
             }
         }
     }
 
-    /// After an unreadable spell, the file holds either the keyring in service
-    /// or the content refused before.
-    fn refresh_file_status(&self, current: &Keyring) {
-        if self.last_refused.is_none() || self.last_refused == Some(current.digest()) {
-            self.file_ok();
-        }
-    }
-
     fn file_ok(&self) {
-        if self.health.keyring_file_refused().is_some() {
-            tracing::info!(keyring = %self.path.display(), "keyring file on disk is accepted again");
+        if self.health.keyring_file_refused().is_none() {
+            return;
         }
+        tracing::info!(keyring = %self.path.display(), "keyring file on disk is accepted again");
         self.health.set_keyring_file_refused(None);
         self.metrics.set_file_refused(None);
     }
@@ -413,7 +415,10 @@ mod tests {
                 EventKind::Access(AccessKind::Close(AccessMode::Read)),
                 "/k/keyring.json",
             ),
-            event(EventKind::Access(AccessKind::Open(AccessMode::Any)), "/k/keyring.json"),
+            event(
+                EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                "/k/keyring.json",
+            ),
             event(
                 EventKind::Access(AccessKind::Close(AccessMode::Write)),
                 "/k/keyring.json.lock",

@@ -148,9 +148,10 @@ pub async fn serve(
 
     let limits = transport::limits();
     let tracker = Arc::new(Tracker::default());
-    let service = KeyManagementServiceServer::new(KmsService::new(backend, health, metrics.clone()))
-        .max_decoding_message_size(limits.max_message)
-        .max_encoding_message_size(limits.max_message);
+    let service =
+        KeyManagementServiceServer::new(KmsService::new(backend, health, metrics.clone()))
+            .max_decoding_message_size(limits.max_message)
+            .max_encoding_message_size(limits.max_message);
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_header_list_size(limits.max_header_list)

@@ -42,6 +42,11 @@ pub enum SocketError {
         "refusing to start: socket directory {0} is writable by others without the sticky bit, so anyone could replace the socket; make it 0755 (or 1777)"
     )]
     UnsafeDirectory(PathBuf),
+    /// Something appeared at the path while we were binding.
+    #[error(
+        "refusing to start: something was created at {0} while the socket was being set up (another process races for this path); it was left untouched"
+    )]
+    Raced(PathBuf),
     /// The socket's directory is missing.
     #[error("cannot listen on {path}: directory {dir} does not exist")]
     NoDirectory {
@@ -220,7 +225,7 @@ fn bind_path(
         nix::fcntl::RenameFlags::RENAME_NOREPLACE,
     )
     .map_err(|errno| match errno {
-        nix::errno::Errno::EEXIST => SocketError::AlreadyServing(endpoint.clone()),
+        nix::errno::Errno::EEXIST => SocketError::Raced(path.to_owned()),
         other => io_err("cannot move the socket into place at", endpoint)(other.into()),
     })?;
     let socket = BoundSocket {
