@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use atrest_proto::kms::v2::{DecryptRequest, StatusRequest};
 use atrest_tests::plugin::{
-    PluginOptions, PluginProcess, SocketEndpoint, WAIT, connect, eventually, write_atomically,
+    PluginOptions, PluginProcess, SocketEndpoint, WAIT, connect, eventually, http_get,
+    write_atomically,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -91,22 +92,25 @@ async fn a_fifo_at_the_keyring_path_blocks_nothing_but_reloads() -> Result<()> {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
     std::fs::rename(&fifo, &keyring)?;
 
-    // A read is stuck on the FIFO once the plugin reports it.
-    eventually(
+    // A read is stuck on the FIFO once the plugin reports it. (Bounded as a
+    // whole: a plugin stuck on the FIFO accepts the HTTP connection and never answers.)
+    let reported = eventually(
         WAIT,
         "/readyz to report the stalled keyring read",
         || async {
-            let r = plugin.http("/readyz").await?;
+            let r = http_get(plugin.metrics_addr(), "/readyz").await?;
             Ok((r.status == 503 && r.body.contains("has not finished")).then_some(r))
         },
-    )
-    .await
-    .with_context(|| plugin.log())?;
+    );
+    tokio::time::timeout(WAIT + Duration::from_secs(5), reported)
+        .await
+        .context("the metrics listener stopped answering")?
+        .with_context(|| plugin.log())?;
     for _ in 0..5 {
         assert_eq!(status_on_new_connection(&plugin).await?, "ok");
         assert_eq!(plugin.status().await?.key_id, key_id);
     }
-    let healthz = plugin.http("/healthz").await?;
+    let healthz = http_get(plugin.metrics_addr(), "/healthz").await?;
     assert_eq!(healthz.status, 200, "{}", healthz.body);
     let m = plugin.metrics().await?;
     assert_eq!(m.get("atrest_kms_keyring_file_ok", &[]), Some(0.0), "gauge");
@@ -466,8 +470,15 @@ async fn out_of_descriptors_the_plugin_backs_off_instead_of_spinning() -> Result
 async fn sigterm_with_only_idle_connections_exits_promptly() -> Result<()> {
     let mut plugin =
         PluginProcess::start(PluginOptions::new().arg("--grace-period").arg("120s")).await?;
-    // Two idle connections: the kit's channel and one more.
+    // Idle connections: the kit's channel, one more, and one whose client
+    // said hello and then never reads (it will never answer the PING that a
+    // graceful HTTP/2 shutdown waits for).
     let _other = connect(plugin.endpoint()).await?;
+    let _ = plugin.status().await?;
+    let mut silent = tokio::net::UnixStream::connect(plugin.endpoint().path().unwrap()).await?;
+    let mut hello = PREFACE.to_vec();
+    frame(&mut hello, 0x4, 0, 0, &[]);
+    silent.write_all(&hello).await?;
     let _ = plugin.status().await?;
     plugin.sigterm()?;
     // `wait` gives up after WAIT (20 s), far below the 120 s grace period.
