@@ -146,10 +146,11 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
         // This plugin writes no annotations, so a request carrying some was not
         // produced by us (or was altered in etcd).
         let result = if req.key_id.len() > MAX_KEY_ID_LEN {
+            // No key_id of ours is that long: unknown, said without echoing it.
             Err((
-                Outcome::InvalidArgument,
-                Status::invalid_argument(format!(
-                    "key_id is {} bytes; at most {MAX_KEY_ID_LEN} are allowed",
+                Outcome::UnknownKeyId,
+                Status::failed_precondition(format!(
+                    "key_id is {} bytes, longer than any key_id ({MAX_KEY_ID_LEN} at most): not in this plugin's keyring",
                     req.key_id.len()
                 )),
             ))

@@ -378,7 +378,7 @@ async fn clients_that_never_read_cannot_grow_the_plugin() -> Result<()> {
     // An oversized key_id is refused first, and never echoed whole.
     let client = plugin.client();
     for (len, code) in [
-        (2000, tonic::Code::InvalidArgument),
+        (2000, tonic::Code::FailedPrecondition),
         (200_000, tonic::Code::OutOfRange),
     ] {
         let err = client
