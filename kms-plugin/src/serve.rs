@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// How often to run the encrypt/decrypt self-test.
     pub self_test_interval: Duration,
+    /// Close a client connection with no call in flight for this long.
+    pub idle_timeout: Duration,
 }
 
 /// Why `serve` stopped with an error.
@@ -146,7 +148,10 @@ pub async fn serve(
         }));
     }
 
-    let limits = transport::limits();
+    let limits = transport::Limits {
+        idle_timeout: config.idle_timeout,
+        ..transport::limits()
+    };
     let tracker = Arc::new(Tracker::default());
     let service =
         KeyManagementServiceServer::new(KmsService::new(backend, health, metrics.clone()))

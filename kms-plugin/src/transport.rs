@@ -55,7 +55,7 @@ pub struct Limits {
     pub call_timeout: Duration,
 }
 
-/// The limits `serve` uses.
+/// The limits `serve` uses (the idle timeout is `--idle-timeout`'s default).
 pub fn limits() -> Limits {
     Limits {
         max_message: 64 * 1024,

@@ -647,3 +647,62 @@ async fn a_world_writable_socket_directory_without_sticky_bit_is_refused() -> Re
     assert!(!socket.exists());
     Ok(())
 }
+
+/// Connections with no call in flight for `--idle-timeout` are closed (also
+/// one whose client never reads); a connection with a call in flight is not.
+#[tokio::test]
+async fn idle_connections_are_closed_busy_ones_are_not() -> Result<()> {
+    const CONNECTIONS: &str = "atrest_kms_connections";
+    let plugin = PluginProcess::start(
+        PluginOptions::new()
+            .metrics()
+            .arg("--idle-timeout")
+            .arg("2s"),
+    )
+    .await?;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let channel = connect(plugin.endpoint()).await?;
+        atrest_tests::plugin::KmsClient::new(channel.clone())
+            .status(StatusRequest {})
+            .await?;
+        idle.push(channel);
+    }
+    let mut silent = tokio::net::UnixStream::connect(plugin.endpoint().path().unwrap()).await?;
+    let mut hello = PREFACE.to_vec();
+    frame(&mut hello, 0x4, 0, 0, &[]);
+    silent.write_all(&hello).await?;
+    eventually(WAIT, "the kit's + 3 + 1 connections to be open", || async {
+        let open = plugin.metrics().await?.get(CONNECTIONS, &[]).unwrap_or(0.0);
+        Ok((open >= 5.0).then_some(()))
+    })
+    .await?;
+
+    // A call held in flight on a connection of its own.
+    let busy = connect(plugin.endpoint()).await?;
+    let mut held = atrest_tests::plugin::hold_encrypt(
+        busy,
+        atrest_proto::kms::v2::EncryptRequest {
+            plaintext: vec![7; 32],
+            uid: "held".into(),
+        },
+    );
+    held.started().await?;
+
+    eventually(WAIT, "every idle connection to be closed", || async {
+        let open = plugin
+            .metrics()
+            .await?
+            .get(CONNECTIONS, &[])
+            .unwrap_or(-1.0);
+        Ok((open == 1.0).then_some(()))
+    })
+    .await
+    .with_context(|| plugin.log())?;
+    assert!(!held.is_finished(), "the held call's connection was closed");
+    let response = held.release().await?.context("the held call failed")?;
+    assert!(!response.ciphertext.is_empty());
+    // Closed idle channels reconnect on their next call.
+    assert_eq!(plugin.status().await?.healthz, "ok");
+    Ok(())
+}
