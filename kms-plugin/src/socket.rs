@@ -199,7 +199,7 @@ fn bind_path(
     // to the target, on the same filesystem, then rename into place: nothing
     // here acts on a path someone else can swap for a symlink.
     let private = tempfile::Builder::new()
-        .prefix(".kms-")
+        .prefix(".k")
         .tempdir_in(dir)
         .map_err(io_err("cannot create a private directory beside", endpoint))?;
     let staged = private.path().join("s");
