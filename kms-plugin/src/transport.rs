@@ -430,3 +430,37 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_resource_exhaustion_backs_off() {
+        for errno in [
+            nix::errno::Errno::EMFILE,
+            nix::errno::Errno::ENFILE,
+            nix::errno::Errno::ENOBUFS,
+            nix::errno::Errno::ENOMEM,
+        ] {
+            assert!(is_resource_exhaustion(&io::Error::from(errno)), "{errno}");
+        }
+        for errno in [nix::errno::Errno::ECONNABORTED, nix::errno::Errno::EINTR] {
+            assert!(!is_resource_exhaustion(&io::Error::from(errno)), "{errno}");
+        }
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_without_calls_in_flight() {
+        let activity = ConnActivity::new();
+        let idle = Duration::from_secs(300);
+        let first = activity.idle_deadline(idle).unwrap();
+        assert!(first <= Instant::now() + idle);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(activity.idle_deadline(idle), None);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        std::thread::sleep(Duration::from_millis(5));
+        activity.touch();
+        assert!(activity.idle_deadline(idle).unwrap() > first);
+    }
+}
