@@ -3,7 +3,9 @@
 //! kube-apiserver calls it over gRPC on a unix socket to encrypt and decrypt
 //! 32-byte DEK seeds under a KEK from the local keyring file. Start reading at
 //! [`serve::serve`] (the daemon), [`service`] (the three RPCs), [`keyring`]
-//! (KEKs, key_ids, reload snapshots) and [`envelope`] (the ciphertext format).
+//! (KEKs, key_ids, reload snapshots) and [`envelope`] (the ciphertext format);
+//! [`transport`] and [`socket`] hold the defences against hostile clients and
+//! socket paths, [`reload`] keeps file reads off the serving threads.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use kms_client::{Endpoint, EndpointError};
