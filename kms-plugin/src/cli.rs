@@ -136,6 +136,10 @@ pub struct ServeArgs {
     /// How often to run the encrypt/decrypt self-test that feeds healthz.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     pub self_test_interval: String,
+    /// Close a client connection that has had no call in flight for this long
+    /// (clients such as kube-apiserver reconnect by themselves).
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub idle_timeout: String,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -235,6 +239,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             grace_period: parse_duration("--grace-period", &args.grace_period)?,
             reload_interval: parse_duration("--reload-interval", &args.reload_interval)?,
             self_test_interval: parse_duration("--self-test-interval", &args.self_test_interval)?,
+            idle_timeout: parse_duration("--idle-timeout", &args.idle_timeout)?,
         })
     }
 }

@@ -1,6 +1,14 @@
 //! Health from memory: a background self-test (encrypt + decrypt of a random
 //! seed with the primary KEK) decides what Status's `healthz` says. Status
 //! never does work beyond reading this.
+//!
+//! Separately, [`Health`] remembers whether the keyring *file on disk* is
+//! refused (and why) while the keyring in service keeps serving. That does
+//! not change Status's `healthz`: kube-apiserver stops using a plugin whose
+//! healthz is not `ok`, and this one still encrypts and decrypts correctly.
+//! It shows in `/readyz` (503), in `/healthz`'s text (still 200: a restart
+//! would not help, it would only load the refused file), in the
+//! `atrest_kms_keyring_file_*` gauges and in the log.
 
 use std::sync::Arc;
 
@@ -18,12 +26,14 @@ pub const HEALTHY: &str = "ok";
 #[derive(Debug)]
 pub struct Health {
     healthz: ArcSwap<String>,
+    keyring_file: ArcSwap<Option<String>>,
 }
 
 impl Default for Health {
     fn default() -> Self {
         Health {
             healthz: ArcSwap::from_pointee("self-test has not run yet".to_owned()),
+            keyring_file: ArcSwap::from_pointee(None),
         }
     }
 }
@@ -37,6 +47,17 @@ impl Health {
     /// Whether the last self-test passed.
     pub fn is_healthy(&self) -> bool {
         self.healthz.load().as_str() == HEALTHY
+    }
+
+    /// Why the keyring file on disk is refused now, if it is.
+    pub fn keyring_file_refused(&self) -> Arc<Option<String>> {
+        self.keyring_file.load_full()
+    }
+
+    /// Records why the keyring file on disk is refused (`None`: it is not).
+    /// The reason must name no value from the file (positions only).
+    pub fn set_keyring_file_refused(&self, reason: Option<String>) {
+        self.keyring_file.store(Arc::new(reason));
     }
 
     /// Runs the self-test on `set` and records the verdict.

@@ -28,15 +28,49 @@ async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn health_page(State(state): State<AppState>) -> impl IntoResponse {
-    let healthz = state.health.healthz();
-    if state.health.is_healthy() {
-        (StatusCode::OK, "ok\n".to_owned())
-    } else {
-        (
+/// `/healthz`: 200 while the keyring in service passes its self-test. A
+/// refused keyring file on disk is reported in the text but stays 200: the
+/// plugin serves correctly, and a restart (what liveness failures cause)
+/// would only try to load the refused file.
+async fn healthz_page(State(state): State<AppState>) -> impl IntoResponse {
+    page(&state, false)
+}
+
+/// `/readyz`: like `/healthz`, but 503 while the keyring file on disk is
+/// refused, so an operator sees it before the next rotation depends on it.
+async fn readyz_page(State(state): State<AppState>) -> impl IntoResponse {
+    page(&state, true)
+}
+
+fn page(state: &AppState, file_refusal_fails: bool) -> (StatusCode, String) {
+    let refused = state.health.keyring_file_refused();
+    if !state.health.is_healthy() {
+        let healthz = state.health.healthz();
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("unhealthy: {healthz}\n"),
-        )
+        );
+    }
+    match refused.as_ref() {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(reason) => {
+            let code = if file_refusal_fails {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            let head = if file_refusal_fails {
+                "not ready"
+            } else {
+                "ok"
+            };
+            (
+                code,
+                format!(
+                    "{head}: keyring file on disk refused ({reason}); the keyring in service keeps serving\n"
+                ),
+            )
+        }
     }
 }
 
@@ -50,8 +84,8 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let app = Router::new()
         .route("/metrics", get(metrics_page))
-        .route("/healthz", get(health_page))
-        .route("/readyz", get(health_page))
+        .route("/healthz", get(healthz_page))
+        .route("/readyz", get(readyz_page))
         .with_state(AppState { metrics, health });
     Ok(async move {
         axum::serve(listener, app)

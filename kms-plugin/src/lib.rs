@@ -5,7 +5,9 @@
 //! [`serve::serve`] (the daemon), [`service`] (the three RPCs), [`keyring`]
 //! (the snapshot of KEKs in service; the file itself, key_ids and the
 //! successor check are the `keyring` crate's) and [`envelope`] (the
-//! ciphertext format).
+//! ciphertext format); [`transport`] and [`socket`] hold the defences against
+//! hostile clients and socket paths, [`reload`] keeps file reads off the
+//! serving threads.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use kms_client::{Endpoint, EndpointError};
@@ -24,3 +26,4 @@ pub mod run;
 pub mod serve;
 pub mod service;
 pub mod socket;
+pub mod transport;

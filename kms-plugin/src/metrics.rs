@@ -88,6 +88,16 @@ pub enum ReloadResult {
 }
 
 impl ReloadResult {
+    /// Every result, in label order.
+    pub const ALL: [ReloadResult; 6] = [
+        ReloadResult::Success,
+        ReloadResult::RejectedUnreadable,
+        ReloadResult::RejectedInvalid,
+        ReloadResult::RejectedRollback,
+        ReloadResult::RejectedSuccessor,
+        ReloadResult::RejectedSelfTest,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -128,6 +138,11 @@ struct ReloadLabels {
     result: ReloadResult,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RejectedLabels {
+    reason: ReloadResult,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1,
@@ -143,6 +158,11 @@ pub struct Metrics {
     calls: Vec<(Counter, Histogram)>,
     key_id_hash: Family<KeyIdLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
+    reads: Counter,
+    connections: Gauge,
+    accept_backoffs: Counter,
+    file_ok: Gauge,
+    file_rejected: Family<RejectedLabels, Gauge>,
     keks: Gauge,
     healthy: Gauge,
 }
@@ -168,6 +188,11 @@ impl Metrics {
         );
         let key_id_hash = Family::<KeyIdLabels, Gauge>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
+        let reads = Counter::default();
+        let connections = Gauge::default();
+        let accept_backoffs = Counter::default();
+        let file_ok = Gauge::default();
+        let file_rejected = Family::<RejectedLabels, Gauge>::default();
         let keks = Gauge::default();
         let healthy = Gauge::default();
         registry.register(
@@ -190,6 +215,31 @@ impl Metrics {
             "Keyring file reload attempts by result",
             reloads.clone(),
         );
+        registry.register(
+            "keyring_reads",
+            "Reads of the keyring file (poll ticks and content-changing watch events)",
+            reads.clone(),
+        );
+        registry.register(
+            "keyring_file_ok",
+            "1 when the keyring file on disk is the keyring in service (or an accepted newer one), 0 while it is refused",
+            file_ok.clone(),
+        );
+        registry.register(
+            "keyring_file_rejected",
+            "1 for the reason the keyring file on disk is refused now, 0 for the others",
+            file_rejected.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections open on the gRPC socket",
+            connections.clone(),
+        );
+        registry.register(
+            "accept_backoffs",
+            "Accepts that failed for lack of file descriptors or memory (each followed by a pause)",
+            accept_backoffs.clone(),
+        );
         registry.register("keks", "KEKs in the keyring in service", keks.clone());
         registry.register(
             "healthy",
@@ -207,21 +257,23 @@ impl Metrics {
                 ));
             }
         }
-        for result in [
-            ReloadResult::Success,
-            ReloadResult::RejectedUnreadable,
-            ReloadResult::RejectedInvalid,
-            ReloadResult::RejectedRollback,
-            ReloadResult::RejectedSelfTest,
-            ReloadResult::RejectedSuccessor,
-        ] {
+        for result in ReloadResult::ALL {
             let _ = reloads.get_or_create(&ReloadLabels { result });
+            if result != ReloadResult::Success {
+                let _ = file_rejected.get_or_create(&RejectedLabels { reason: result });
+            }
         }
+        file_ok.set(1);
         Metrics {
             registry,
             calls,
             key_id_hash,
             reloads,
+            reads,
+            connections,
+            accept_backoffs,
+            file_ok,
+            file_rejected,
             keks,
             healthy,
         }
@@ -240,6 +292,35 @@ impl Metrics {
     /// Records a reload attempt.
     pub fn observe_reload(&self, result: ReloadResult) {
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// Counts one read of the keyring file.
+    pub fn observe_read(&self) {
+        self.reads.inc();
+    }
+
+    /// Publishes how many client connections are open.
+    pub fn set_connections(&self, open: i64) {
+        self.connections.set(open);
+    }
+
+    /// Counts one accept that failed for lack of resources.
+    pub fn observe_accept_backoff(&self) {
+        self.accept_backoffs.inc();
+    }
+
+    /// Publishes whether the keyring file on disk is refused, and why
+    /// (`None` or [`ReloadResult::Success`]: it is not).
+    pub fn set_file_refused(&self, reason: Option<ReloadResult>) {
+        let reason = reason.filter(|r| *r != ReloadResult::Success);
+        self.file_ok.set(i64::from(reason.is_none()));
+        for result in ReloadResult::ALL {
+            if result != ReloadResult::Success {
+                self.file_rejected
+                    .get_or_create(&RejectedLabels { reason: result })
+                    .set(i64::from(Some(result) == reason));
+            }
+        }
     }
 
     /// Publishes the keyring now in service.
@@ -292,11 +373,23 @@ mod tests {
             "atrest_kms_keyring_reloads_total{result=\"rejected_rollback\"} 1",
             "atrest_kms_keyring_reloads_total{result=\"success\"} 0",
             "atrest_kms_keks 1",
+            "atrest_kms_keyring_file_ok 1",
+            "atrest_kms_keyring_file_rejected{reason=\"rejected_invalid\"} 0",
+            "atrest_kms_keyring_reads_total 0",
             "atrest_kms_healthy 1",
             &format!(
                 "atrest_kms_key_id_hash_info{{key_id_hash=\"{}\"}} 1",
                 key_id_hash("atrest-v1-k1-e1-00")
             ),
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        m.set_file_refused(Some(ReloadResult::RejectedRollback));
+        let text = m.encode();
+        for want in [
+            "atrest_kms_keyring_file_ok 0",
+            "atrest_kms_keyring_file_rejected{reason=\"rejected_rollback\"} 1",
+            "atrest_kms_keyring_file_rejected{reason=\"rejected_invalid\"} 0",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use atrest_proto::kms::v2::key_management_service_server::KeyManagementServiceServer;
 use thiserror::Error;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::KekSet;
 use crate::health::Health;
@@ -19,6 +18,7 @@ use crate::reload::Reloader;
 use crate::service::KmsService;
 use crate::socket::{self, SocketAccess, SocketError};
 use ::keyring::KeyringError;
+use crate::transport::{self, CallTracker, Incoming, Tracker};
 use kms_client::Endpoint;
 
 /// Everything `serve` needs, validated.
@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// How often to run the encrypt/decrypt self-test.
     pub self_test_interval: Duration,
+    /// Close a client connection with no call in flight for this long.
+    pub idle_timeout: Duration,
 }
 
 /// Why `serve` stopped with an error.
@@ -147,10 +149,29 @@ pub async fn serve(
         }));
     }
 
-    let service = KmsService::new(backend, health, metrics);
+    let limits = transport::Limits {
+        idle_timeout: config.idle_timeout,
+        ..transport::limits()
+    };
+    let tracker = Arc::new(Tracker::default());
+    let service =
+        KeyManagementServiceServer::new(KmsService::new(backend, health, metrics.clone()))
+            .max_decoding_message_size(limits.max_message)
+            .max_encoding_message_size(limits.max_message);
     let server = tonic::transport::Server::builder()
-        .add_service(KeyManagementServiceServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped());
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_header_list_size(limits.max_header_list)
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .timeout(limits.call_timeout)
+        .layer(CallTracker::new(tracker.clone()))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            Incoming::new(listener, tracker.clone(), metrics, &limits),
+            stopped(),
+        );
     let mut server = tokio::spawn(server);
     tracing::info!(endpoint = %config.endpoint, version = env!("CARGO_PKG_VERSION"), "kms-plugin serving");
 
@@ -167,11 +188,39 @@ pub async fn serve(
     }
     tracing::info!(grace_period = ?config.grace_period, "shutdown requested: no new connections, draining in-flight calls");
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(config.grace_period, &mut server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed while draining"),
-        Err(_) => {
-            tracing::warn!("grace period over with calls still in flight; closing them");
+    // Connections got a GOAWAY; the server future ends when every one has
+    // closed. Idle connections whose clients keep them open must not hold us
+    // for the whole grace period: once no call is in flight, we are done.
+    let drained = async {
+        loop {
+            if tracker.in_flight() == 0 {
+                // Look twice: a call that arrived just before the GOAWAY may be
+                // between the socket and the service.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if tracker.in_flight() == 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let drained = tokio::time::timeout(config.grace_period, drained);
+    tokio::select! {
+        result = &mut server => match result {
+            Ok(result) => result?,
+            Err(join) => tracing::error!(error = %join, "gRPC server task failed while draining"),
+        },
+        done = drained => {
+            match done {
+                Ok(()) => tracing::info!(
+                    connections = tracker.connections(),
+                    "no calls in flight; closing the remaining idle connections"
+                ),
+                Err(_) => tracing::warn!(
+                    calls = tracker.in_flight(),
+                    "grace period over with calls still in flight; closing them"
+                ),
+            }
             server.abort();
         }
     }

@@ -19,6 +19,28 @@ use crate::metrics::{Method, Metrics, Outcome};
 /// The version Status reports; kube-apiserver requires it never to change.
 pub const VERSION: &str = "v2";
 
+/// The longest key_id the contract allows; a longer one is refused before
+/// anything else is done with it.
+pub const MAX_KEY_ID_LEN: usize = 1024;
+
+/// How many characters of a caller's value an error message or log shows.
+const SHOWN_CHARS: usize = 64;
+
+/// A caller-supplied value as errors and logs show it: escaped (no control
+/// characters or terminal escapes), at most [`SHOWN_CHARS`] characters, and
+/// its full length when it was cut.
+pub fn shown(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .take(SHOWN_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().nth(SHOWN_CHARS).is_some() {
+        out.push_str(&format!("…({} bytes)", value.len()));
+    }
+    format!("\"{out}\"")
+}
+
 /// The gRPC service.
 #[derive(Debug)]
 pub struct KmsService<B> {
@@ -52,11 +74,11 @@ fn decrypt_status(e: &DecryptError, key_id: &str) -> (Outcome, Status) {
     match e {
         DecryptError::UnknownKeyId => (
             Outcome::UnknownKeyId,
-            Status::failed_precondition(format!("key_id {key_id:?}: {e}")),
+            Status::failed_precondition(format!("key_id {}: {e}", shown(key_id))),
         ),
         _ => (
             Outcome::InvalidArgument,
-            Status::invalid_argument(format!("key_id {key_id:?}: {e}")),
+            Status::invalid_argument(format!("key_id {}: {e}", shown(key_id))),
         ),
     }
 }
@@ -79,7 +101,7 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(uid = %request.get_ref().uid, key_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(uid = %shown(&request.get_ref().uid), key_id))]
     async fn encrypt(
         &self,
         request: Request<EncryptRequest>,
@@ -113,7 +135,7 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
     #[tracing::instrument(
         level = "debug",
         skip_all,
-        fields(uid = %request.get_ref().uid, key_id = %request.get_ref().key_id)
+        fields(uid = %shown(&request.get_ref().uid), key_id = %shown(&request.get_ref().key_id))
     )]
     async fn decrypt(
         &self,
@@ -123,12 +145,21 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
         let req = request.get_ref();
         // This plugin writes no annotations, so a request carrying some was not
         // produced by us (or was altered in etcd).
-        let result = if !req.annotations.is_empty() {
+        let result = if req.key_id.len() > MAX_KEY_ID_LEN {
+            // No key_id of ours is that long: unknown, said without echoing it.
+            Err((
+                Outcome::UnknownKeyId,
+                Status::failed_precondition(format!(
+                    "key_id is {} bytes, longer than any key_id ({MAX_KEY_ID_LEN} at most): not in this plugin's keyring",
+                    req.key_id.len()
+                )),
+            ))
+        } else if !req.annotations.is_empty() {
             Err((
                 Outcome::InvalidArgument,
                 Status::invalid_argument(format!(
-                    "key_id {:?}: request carries {} annotation(s) but this plugin writes none",
-                    req.key_id,
+                    "key_id {}: request carries {} annotation(s) but this plugin writes none",
+                    shown(&req.key_id),
                     req.annotations.len()
                 )),
             ))
@@ -155,5 +186,20 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
                 Err(status)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_values_are_escaped_and_capped() {
+        assert_eq!(shown("atrest-v1"), "\"atrest-v1\"");
+        assert_eq!(shown("a\nb\u{1b}[31m"), "\"a\\nb\\u{1b}[31m\"");
+        let long = "x".repeat(4 << 20);
+        let s = shown(&long);
+        assert!(s.len() < 100, "{s}");
+        assert!(s.contains("(4194304 bytes)"), "{s}");
     }
 }

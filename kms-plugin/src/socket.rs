@@ -1,14 +1,19 @@
 //! Binding the listening socket safely.
 //!
 //! A socket file is replaced only when it is a socket nobody answers on; a
-//! live server or any other kind of file makes us refuse. The mode is set
-//! explicitly and the file is removed on exit, but only if it is still ours.
+//! live server, a hung listener (checked with a non-blocking connect, so it
+//! never hangs us) or any other kind of file makes us refuse. The socket is
+//! bound in a private directory beside the target, gets its group and mode
+//! there, and is renamed into place without replacing anything: no step acts
+//! on a path someone else could swap for a symlink. A socket directory that
+//! others may write to without the sticky bit is refused. The file is removed
+//! on exit, but only if it is still ours.
 
 use std::fs;
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::net::{SocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Group};
@@ -27,6 +32,21 @@ pub enum SocketError {
         "refusing to start: {0} exists and is not a socket; it was left untouched (remove it or pick another path)"
     )]
     NotASocket(PathBuf),
+    /// A listener holds the socket path but accepts no connection.
+    #[error(
+        "refusing to start: a process listens on {0} but does not accept connections (its backlog is full: hung or overloaded); stop it, or remove the socket if it is dead"
+    )]
+    NotAccepting(PathBuf),
+    /// The socket's directory is writable by others and not sticky.
+    #[error(
+        "refusing to start: socket directory {0} is writable by others without the sticky bit, so anyone could replace the socket; make it 0755 (or 1777)"
+    )]
+    UnsafeDirectory(PathBuf),
+    /// Something appeared at the path while we were binding.
+    #[error(
+        "refusing to start: something was created at {0} while the socket was being set up (another process races for this path); it was left untouched"
+    )]
+    Raced(PathBuf),
     /// The socket's directory is missing.
     #[error("cannot listen on {path}: directory {dir} does not exist")]
     NoDirectory {
@@ -142,54 +162,120 @@ fn bind_path(
         None => None,
         Some(g) => Some(resolve_group(g)?),
     };
-    if let Some(dir) = path.parent()
-        && !dir.is_dir()
-    {
-        return Err(SocketError::NoDirectory {
-            path: path.to_owned(),
-            dir: dir.to_owned(),
-        });
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir_meta = match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => meta,
+        _ => {
+            return Err(SocketError::NoDirectory {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+            });
+        }
+    };
+    // In a directory anyone may write to (without the sticky bit), anyone can
+    // rename our files away and put their own in place: nothing we set there
+    // stays ours.
+    if dir_meta.mode() & 0o002 != 0 && dir_meta.mode() & 0o1000 == 0 {
+        return Err(SocketError::UnsafeDirectory(dir.to_owned()));
     }
     match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => return Err(SocketError::AlreadyServing(endpoint.clone())),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+        Ok(meta) if meta.file_type().is_socket() => match probe_listener(path) {
+            Probe::Answers => return Err(SocketError::AlreadyServing(endpoint.clone())),
+            Probe::Backlogged => return Err(SocketError::NotAccepting(path.to_owned())),
+            Probe::Stale => {
                 tracing::info!(socket = %path.display(), "removing stale socket left by an earlier run");
                 fs::remove_file(path).map_err(io_err("cannot remove stale socket", endpoint))?;
             }
-            Err(e) => return Err(io_err("cannot check existing socket", endpoint)(e)),
+            Probe::Failed(e) => return Err(io_err("cannot check existing socket", endpoint)(e)),
         },
         Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot inspect", endpoint)(e)),
     }
+    // Bind, set group and mode in a private directory (mode 0700, ours) next
+    // to the target, on the same filesystem, then rename into place: nothing
+    // here acts on a path someone else can swap for a symlink.
+    let private = tempfile::Builder::new()
+        .prefix(".k")
+        .tempdir_in(dir)
+        .map_err(io_err("cannot create a private directory beside", endpoint))?;
+    let staged = private.path().join("s");
     // Bind with a umask that leaves the socket private until its mode is set.
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&staged);
     nix::sys::stat::umask(old_umask);
-    let listener = bound.map_err(|e| {
-        if e.kind() == io::ErrorKind::AddrInUse {
-            SocketError::AlreadyServing(endpoint.clone())
-        } else {
-            io_err("cannot listen on", endpoint)(e)
-        }
+    let listener = bound.map_err(io_err("cannot listen on", endpoint))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::lchown(&staged, None, Some(gid.as_raw()))
+            .map_err(io_err("cannot set group of", endpoint))?;
+    }
+    // `staged` lies in our own 0700 directory: no one else can replace it.
+    fs::set_permissions(&staged, fs::Permissions::from_mode(access.mode))
+        .map_err(io_err("cannot set mode of", endpoint))?;
+    let meta = fs::symlink_metadata(&staged).map_err(io_err("cannot inspect", endpoint))?;
+    // Never replace what appeared at the path since we looked.
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &staged,
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(|errno| match errno {
+        nix::errno::Errno::EEXIST => SocketError::Raced(path.to_owned()),
+        other => io_err("cannot move the socket into place at", endpoint)(other.into()),
     })?;
-    let meta = fs::symlink_metadata(path).map_err(io_err("cannot inspect", endpoint))?;
     let socket = BoundSocket {
         listener: Some(listener),
         cleanup: Some((path.to_owned(), meta.dev(), meta.ino())),
     };
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
-            .map_err(io_err("cannot set group of", endpoint))?;
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(access.mode))
-        .map_err(io_err("cannot set mode of", endpoint))?;
+    drop(private);
     if let Some(l) = &socket.listener {
         l.set_nonblocking(true)
             .map_err(io_err("cannot configure", endpoint))?;
     }
     Ok(socket)
+}
+
+/// What a connect to an existing socket file found.
+enum Probe {
+    /// A server accepted the connection.
+    Answers,
+    /// A listener holds the path but its backlog is full (hung, or overloaded).
+    Backlogged,
+    /// Nobody listens: a socket left behind by an earlier run.
+    Stale,
+    /// Anything else.
+    Failed(io::Error),
+}
+
+/// Connects without blocking: a listener whose backlog is full makes a
+/// blocking connect wait for ever, a non-blocking one says so at once.
+fn probe_listener(path: &Path) -> Probe {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd;
+    let addr = match UnixAddr::new(path) {
+        Ok(a) => a,
+        Err(e) => return Probe::Failed(e.into()),
+    };
+    let fd = match socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return Probe::Failed(e.into()),
+    };
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => Probe::Answers,
+        Err(nix::errno::Errno::ECONNREFUSED) => Probe::Stale,
+        Err(nix::errno::Errno::EAGAIN) => Probe::Backlogged,
+        Err(e) => Probe::Failed(e.into()),
+    }
 }
 
 fn resolve_group(group: &str) -> Result<Gid, SocketError> {
