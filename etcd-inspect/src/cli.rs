@@ -88,8 +88,7 @@ pub struct Args {
     pub prefix: Option<String>,
 
     /// Keys per etcd range request [default: as many as fit a 1 MiB page].
-    /// More keys per request mean fewer round trips but more memory per page;
-    /// fewer keep memory lower and cost more requests.
+    /// Larger: fewer round trips, more memory; smaller: the reverse.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub page_size: Option<i64>,
 
