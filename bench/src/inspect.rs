@@ -302,6 +302,9 @@ fn run_measured(cmd: &[String], etcd: Option<&ProcessCpu>) -> Result<Measured> {
         .arg("measure")
         .arg("--")
         .args(cmd)
+        // etcd-inspect logs its scan counters (requests, keys etcd counted).
+        .env("ATREST_LOG", "etcd_inspect=info")
+        .stderr(Stdio::inherit())
         .output()?;
     let etcd_cpu = match (etcd, etcd_before) {
         (Some(p), Some(b)) => Some(p.read()?.saturating_sub(b).as_secs_f64()),
@@ -311,9 +314,8 @@ fn run_measured(cmd: &[String], etcd: Option<&ProcessCpu>) -> Result<Measured> {
     let parts: Vec<&str> = text.split_whitespace().collect();
     if parts.len() != 5 {
         bail!(
-            "measure of {} failed: {}",
-            cmd.first().map_or("", String::as_str),
-            String::from_utf8_lossy(&out.stderr)
+            "measure of {} failed (its stderr is above)",
+            cmd.first().map_or("", String::as_str)
         );
     }
     let user: f64 = parts[3].parse()?;
@@ -410,6 +412,8 @@ pub fn run(f: &Flags) -> Result<()> {
             f.etcdctl.clone(),
             "--endpoints".into(),
             f.endpoints.clone(),
+            // Its default 5 s would cut the million-key read short.
+            "--command-timeout=600s".into(),
             "get".into(),
             "--prefix".into(),
             "/registry".into(),
