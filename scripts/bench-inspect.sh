@@ -7,8 +7,8 @@
 # and etcd's CPU for each key count, best of 2 runs each.
 #
 #   scripts/bench-inspect.sh [KEYS] [extra flags of etcd-inspect-bench]
-#   KEYS default: 100000,200000,1000000 (about 15 minutes on 2 cores,
-#   most of it seeding and etcdctl)
+#   KEYS default: 100000,200000,1000000 (about 9 minutes on 2 cores after
+#   the release build, most of it etcdctl reading 1M keys)
 #
 # Targets (issue 12): at most 0.8x etcdctl's wall time at every size; wall
 # 1M / 200k at most 5.5; peak RSS under 64 MiB. etcdctl needs ETCDCTL_API=3.
