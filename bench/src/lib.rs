@@ -5,6 +5,9 @@
 //!   unix socket the way kube-apiserver does (one HTTP/2 connection, many
 //!   concurrent callers) and reports latency percentiles and the plugin's CPU
 //!   time per call. Start reading at [`kms::run`].
+//! - [`inspect`]: `etcd-inspect-bench`, which seeds an etcd 3.4 with
+//!   kube-shaped data and compares `etcd-inspect` with `etcdctl` on it.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod inspect;
 pub mod kms;

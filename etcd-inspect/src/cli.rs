@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::etcd::EtcdConnection;
 use crate::record::Finding;
+use crate::scan::ScanOptions;
 
 /// Exit codes, shown in `--help` and the README.
 pub const EXIT_CODES: &str = "\
@@ -86,9 +87,10 @@ pub struct Args {
     #[arg(long, value_name = "PREFIX")]
     pub prefix: Option<String>,
 
-    /// Keys per etcd range request (smaller pages are used for large values).
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
-    pub page_size: i64,
+    /// Keys per etcd range request [default: as many as fit a 1 MiB page].
+    /// Larger: fewer round trips, more memory; smaller: the reverse.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub page_size: Option<i64>,
 
     /// kube-apiserver EncryptionConfiguration to audit against.
     #[arg(long, value_name = "FILE")]
@@ -128,8 +130,8 @@ pub struct Settings {
     pub etcd_prefix: String,
     /// Scan prefix.
     pub prefix: String,
-    /// Keys per page.
-    pub page_size: i64,
+    /// How the scan sizes its pages (`--page-size` or the byte budget).
+    pub scan: ScanOptions,
     /// Config to audit against.
     pub config: Option<PathBuf>,
     /// KMS provider name -> endpoint overrides.
@@ -230,7 +232,9 @@ impl TryFrom<Args> for Settings {
             },
             etcd_prefix,
             prefix,
-            page_size: a.page_size,
+            scan: a
+                .page_size
+                .map_or_else(ScanOptions::default, ScanOptions::keys),
             config: a.config,
             kms_endpoints,
             kms_key_ids,

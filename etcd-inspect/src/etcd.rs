@@ -1,18 +1,11 @@
-//! Reading etcd the way `etcdctl` connects: endpoints, optional mutual TLS,
-//! and a paged range scan pinned to one revision.
-//!
-//! The scan is the only etcd call this tool makes (besides none: it never
-//! writes). Pages are fetched one ahead of the consumer so that network time
-//! overlaps with classification, and at most two pages are held in memory at
-//! any time, however many keys the prefix holds.
+//! Reaching etcd the way `etcdctl` connects: endpoints, optional mutual TLS.
+//! The range scan over these connections is in [`crate::scan`]; it is the
+//! only etcd call this tool makes (it never writes).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions,
-};
-use tokio::sync::mpsc;
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, KvClient, TlsOptions};
 
 /// How to reach etcd; mirrors etcdctl's flags.
 #[derive(Debug, Clone)]
@@ -183,158 +176,6 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// One key and its stored value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KeyValue {
-    /// The etcd key.
-    pub key: Vec<u8>,
-    /// The stored bytes (possibly plaintext: never logged).
-    pub value: Vec<u8>,
-}
-
-impl std::fmt::Debug for KeyValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyValue")
-            .field("key", &String::from_utf8_lossy(&self.key))
-            .field("value", &format_args!("<{} bytes>", self.value.len()))
-            .finish()
-    }
-}
-
-/// A page of the scan.
-#[derive(Debug)]
-pub struct Page {
-    /// The revision every page of this scan is read at.
-    pub revision: i64,
-    /// Keys in ascending order.
-    pub kvs: Vec<KeyValue>,
-}
-
-/// A paged scan of `[prefix, prefix_end)` at one revision.
-#[derive(Debug)]
-pub struct Scan {
-    rx: mpsc::Receiver<Result<Page, EtcdError>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Scan {
-    /// Starts scanning; the first page is requested right away and the next
-    /// one while the caller works on the current one.
-    /// `endpoints` is only used in error messages.
-    pub fn start(kv: KvClient, endpoints: String, prefix: Vec<u8>, page_size: i64) -> Self {
-        // Capacity 1: one page waiting while the consumer holds another.
-        let (tx, rx) = mpsc::channel(1);
-        let task = tokio::spawn(fetch_pages(kv, endpoints, prefix, page_size.max(1), tx));
-        Scan { rx, task }
-    }
-
-    /// The next page, `None` at the end of the range.
-    pub async fn next_page(&mut self) -> Option<Result<Page, EtcdError>> {
-        self.rx.recv().await
-    }
-}
-
-impl Drop for Scan {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn fetch_pages(
-    mut kv: KvClient,
-    endpoints: String,
-    prefix: Vec<u8>,
-    page_size: i64,
-    tx: mpsc::Sender<Result<Page, EtcdError>>,
-) {
-    let end = prefix_end(&prefix);
-    let mut from = prefix;
-    let mut revision = 0i64;
-    let mut limit = page_size;
-    loop {
-        let opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(limit)
-            .with_revision(revision);
-        let mut resp = match kv.get(from.clone(), Some(opts)).await {
-            Ok(r) => r,
-            Err(e) if is_too_large(&e) => {
-                if limit == 1 {
-                    let _ = tx
-                        .send(Err(EtcdError::TooLarge {
-                            from: String::from_utf8_lossy(&from).into_owned(),
-                            limit: MAX_RESPONSE_BYTES,
-                        }))
-                        .await;
-                    return;
-                }
-                // Big values: ask for fewer keys per page rather than a bigger buffer.
-                limit = (limit / 2).max(1);
-                continue;
-            }
-            Err(source) => {
-                let _ = tx
-                    .send(Err(EtcdError::Range {
-                        endpoints,
-                        from: String::from_utf8_lossy(&from).into_owned(),
-                        revision,
-                        source,
-                    }))
-                    .await;
-                return;
-            }
-        };
-        if revision == 0 {
-            match resp.header() {
-                Some(h) => revision = h.revision(),
-                None => {
-                    let _ = tx.send(Err(EtcdError::NoHeader)).await;
-                    return;
-                }
-            }
-        }
-        let more = resp.more();
-        let kvs: Vec<KeyValue> = resp
-            .take_kvs()
-            .into_iter()
-            .map(|kv| {
-                let (key, value) = kv.into_key_value();
-                KeyValue { key, value }
-            })
-            .collect();
-        let next_from = kvs.last().map(|kv| {
-            let mut k = kv.key.clone();
-            k.push(0);
-            k
-        });
-        let page_len = kvs.len();
-        if tx.send(Ok(Page { revision, kvs })).await.is_err() {
-            return; // consumer gone
-        }
-        match next_from {
-            Some(k) if more && page_len > 0 => from = k,
-            _ => return,
-        }
-        // Grow back toward the requested page size after a shrink.
-        limit = (limit * 2).min(page_size);
-    }
-}
-
-fn is_too_large(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            // tonic's decoder refuses an oversized response with this
-            // status; etcd itself also uses OutOfRange (future revision), so
-            // the message is checked too.
-            matches!(
-                s.code(),
-                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
-            ) && s.message().contains("message length too large")
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,16 +187,5 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_end(b""), vec![0]);
         assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
-    }
-
-    #[test]
-    fn debug_hides_values() {
-        let kv = KeyValue {
-            key: b"/registry/secrets/a/b".to_vec(),
-            value: b"CANARY".to_vec(),
-        };
-        let s = format!("{kv:?}");
-        assert!(!s.contains("CANARY"));
-        assert!(s.contains("/registry/secrets/a/b"));
     }
 }

@@ -1,7 +1,7 @@
 //! etcd-inspect: a read-only audit of what kube-apiserver stored in etcd.
 //!
-//! It scans a key prefix with paged range reads pinned to one revision
-//! ([`etcd`]), classifies every value and maps its key to a resource with the
+//! It scans a key prefix with range reads pinned to one revision, linear in
+//! the number of keys and bounded in memory ([`scan`], over [`etcd`]), classifies every value and maps its key to a resource with the
 //! `storage-encryption` crate, and — given an EncryptionConfiguration —
 //! judges each value against the provider and key the config would write
 //! ([`audit`]), optionally proving it decrypts ([`decrypt`], with KMS v2
@@ -22,6 +22,7 @@ pub mod progress;
 pub mod record;
 pub mod report;
 pub mod run;
+pub mod scan;
 pub mod summary;
 
 pub use cli::{Args, OutputFormat, Settings};

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 use crate::audit::{Auditor, AuditorError};
 use crate::cli::{OutputFormat, Settings};
-use crate::etcd::{EtcdError, Scan};
+use crate::etcd::EtcdError;
 use crate::progress::Progress;
 use crate::report::{JsonReporter, JunitReporter, Reporter, ScanMeta, TableReporter};
+use crate::scan::{Scan, ScanStats};
 use crate::summary::Summary;
 
 /// Why a run could not judge anything (exit code 2).
@@ -51,6 +52,8 @@ pub struct Outcome {
     pub meta: ScanMeta,
     /// Counts.
     pub summary: Summary,
+    /// What the scan cost etcd.
+    pub scan: ScanStats,
 }
 
 impl Outcome {
@@ -98,7 +101,7 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
         kv,
         settings.etcd.endpoints_display(),
         settings.prefix.as_bytes().to_vec(),
-        settings.page_size,
+        settings.scan,
     );
 
     let out = BufWriter::with_capacity(64 * 1024, out);
@@ -142,5 +145,19 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     // The scan always yields at least one page (possibly empty) unless it failed.
     let meta = meta.ok_or(RunError::Etcd(EtcdError::NoHeader))?;
     reporter.finish(&meta, &summary)?;
-    Ok(Outcome { meta, summary })
+    let stats = scan.stats();
+    tracing::info!(
+        requests = stats.requests,
+        keys = stats.keys,
+        bytes = stats.bytes,
+        range_keys = stats.range_keys,
+        max_range_keys = stats.max_range_keys,
+        max_page_keys = stats.max_page_keys,
+        "etcd scan finished"
+    );
+    Ok(Outcome {
+        meta,
+        summary,
+        scan: stats,
+    })
 }

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use etcd_inspect::Finding;
 use etcd_inspect::audit::Auditor;
-use etcd_inspect::etcd::{EtcdConnection, EtcdError, Scan};
+use etcd_inspect::etcd::{EtcdConnection, EtcdError};
+use etcd_inspect::scan::{Scan, ScanOptions};
 use storage_encryption::EncryptionConfiguration;
 
 use crate::targets::EtcdTarget;
@@ -123,7 +124,7 @@ async fn scan(
         kv,
         conn.endpoints_display(),
         etcd.prefix.as_bytes().to_vec(),
-        1000,
+        ScanOptions::default(),
     );
     let mut report = GateReport::default();
     while let Some(page) = scan.next_page().await {
