@@ -4,8 +4,10 @@
 //! the EncryptionConfiguration file, the stored value format of every provider,
 //! kube-apiserver's reading model (who reads a value, is it stale), and the etcd
 //! key ↔ resource map. `etcd-inspect`, the rotator and the kube-apiserver stand-in
-//! build on it. The facts it implements are in `shared/spec/` (stored-formats.md,
-//! encryption-config.md); the tests hold known answers written by kube-apiserver.
+//! build on it. Each format is described where it is implemented (the module docs
+//! of [`format`](mod@format), [`read`], [`etcd_key`], [`config`]); the tests hold
+//! known answers written by kube-apiserver's own code (`testdata/vectors/` at the
+//! workspace root, with a README saying how they were made).
 //!
 //! ## Where to start
 //!
