@@ -6,7 +6,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use crate::audit::{Auditor, AuditorError};
-use crate::cli::{OutputFormat, Settings};
+use crate::cli::{Exit, OutputFormat, Settings};
 use crate::etcd::{EtcdError, Scan};
 use crate::progress::Progress;
 use crate::report::{JsonReporter, JunitReporter, Reporter, ScanMeta, TableReporter};
@@ -59,9 +59,18 @@ impl Outcome {
         self.summary.failing(&self.meta.fail_on)
     }
 
-    /// 0 when nothing in `--fail-on` was found, else 1.
+    /// [`Exit::Clean`] when nothing in `--fail-on` was found, else [`Exit::Findings`].
+    pub fn exit(&self) -> Exit {
+        if self.failing() > 0 {
+            Exit::Findings
+        } else {
+            Exit::Clean
+        }
+    }
+
+    /// The process exit status of [`exit`](Self::exit).
     pub fn exit_code(&self) -> u8 {
-        if self.failing() > 0 { 1 } else { 0 }
+        self.exit().code()
     }
 }
 

@@ -14,7 +14,6 @@ pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod keyring;
-pub mod logging;
 pub mod metrics;
 pub mod probe;
 pub mod reload;

@@ -2,20 +2,29 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{
-    Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint,
-};
+use cli_kit::logging::{LogSettings, init as init_logging};
+
+use crate::cli::{Cli, Command, Exit, KeyringCommand, ListFormat, LogFormat, parse_endpoint};
 use crate::keyring::admin;
 use crate::serve::{ServeConfig, serve, shutdown_signal};
 
 /// Exit code for a usage error (bad flag value).
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_USAGE: Exit = Exit::Usage;
 /// Exit code for a runtime failure.
-pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_FAILURE: Exit = Exit::Failure;
 
-fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
+fn fail(message: impl std::fmt::Display, code: Exit) -> ExitCode {
     eprintln!("kms-plugin: {message}");
-    ExitCode::from(code)
+    code.into()
+}
+
+fn logging(format: LogFormat) -> LogSettings {
+    LogSettings {
+        name: "kms-plugin",
+        version: env!("CARGO_PKG_VERSION"),
+        format,
+        default_filter: "info",
+    }
 }
 
 /// Runs `cli` to completion.
@@ -29,8 +38,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e, EXIT_USAGE),
             };
-            crate::logging::init(format);
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), "kms-plugin starting");
+            init_logging(logging(format));
             match runtime_with(worker_threads)
                 .map(|rt| rt.block_on(serve(config, shutdown_signal())))
             {
@@ -43,22 +51,24 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Probe(args) => {
-            let (endpoint, timeout) = match (
-                parse_endpoint("--listen", &args.listen),
-                parse_duration("--timeout", &args.timeout),
-            ) {
-                (Ok(e), Ok(t)) => (e, t),
-                (Err(e), _) | (_, Err(e)) => return fail(e, EXIT_USAGE),
+            let timeout = args.timeout;
+            let endpoint = match parse_endpoint("--listen", &args.listen) {
+                Ok(e) => e,
+                Err(e) => return fail(e, EXIT_USAGE),
             };
-            crate::logging::init(LogFormat::Plain);
+            init_logging(logging(LogFormat::Plain));
             let result = runtime().map(|rt| rt.block_on(crate::probe::probe(&endpoint, timeout)));
             match result {
                 Ok(Ok(report)) => {
-                    println!(
-                        "healthy: version {} key_id {}",
-                        report.version, report.key_id
+                    let line = format!(
+                        "healthy: version {} key_id {}\n",
+                        report.version,
+                        cli_kit::escape::escape_control(&report.key_id)
                     );
-                    ExitCode::SUCCESS
+                    match cli_kit::output::print(&line) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => fail(format!("cannot write to stdout: {e}"), EXIT_FAILURE),
+                    }
                 }
                 Ok(Err(e)) => fail(e, EXIT_FAILURE),
                 Err(e) => fail(format!("cannot start the async runtime: {e}"), EXIT_FAILURE),

@@ -73,9 +73,10 @@ mod secret;
 
 pub use classify::{Classification, classify_value};
 pub use config::{
-    ConfigApiVersion, ConfigError, DEFAULT_KMS_TIMEOUT, EncryptionConfiguration, FieldError, Key,
-    KeysConfig, KmsApiVersion, KmsConfig, MatchRule, ProviderConfig, ProviderMatch, ResourceConfig,
-    config_file_hash, key_id_hash,
+    ConfigApiVersion, ConfigError, DEFAULT_KMS_TIMEOUT, DurationError, EncryptionConfiguration,
+    FieldError, Key, KeysConfig, KmsApiVersion, KmsConfig, MatchRule, ProviderConfig,
+    ProviderMatch, ResourceConfig, config_file_hash, format_go_duration, key_id_hash,
+    parse_go_duration,
 };
 pub use etcd_key::{
     BUILTIN_RESOURCES, BuiltinResource, DEFAULT_PREFIX, KeyError, KeyKind, KeyResource,

@@ -59,9 +59,20 @@ fn a_test_exists_for_every_vector_and_no_other() {
     let v = load_vectors();
     let in_file: BTreeSet<&str> = v.items.iter().map(|i| i.etcd_key.as_str()).collect();
     let generated: BTreeSet<&str> = VECTOR_KEYS.iter().copied().collect();
-    assert_eq!(generated.len(), VECTOR_KEYS.len(), "a vector is listed twice");
-    assert_eq!(in_file.len(), v.items.len(), "a vector key appears twice in the file");
-    assert_eq!(generated, in_file, "vector_tests! must list exactly the file's vectors");
+    assert_eq!(
+        generated.len(),
+        VECTOR_KEYS.len(),
+        "a vector is listed twice"
+    );
+    assert_eq!(
+        in_file.len(),
+        v.items.len(),
+        "a vector key appears twice in the file"
+    );
+    assert_eq!(
+        generated, in_file,
+        "vector_tests! must list exactly the file's vectors"
+    );
 }
 
 #[test]

@@ -130,7 +130,11 @@ fn apiserver_written_values_audited_with_both_configs() {
             "{config}: vectors that disagree with kube-apiserver:\n{}",
             wrong.join("\n")
         );
-        assert_eq!(records.len(), items.len(), "{config}: one record per vector");
+        assert_eq!(
+            records.len(),
+            items.len(),
+            "{config}: one record per vector"
+        );
         assert_eq!(run.code, Some(if any_fail { 1 } else { 0 }), "{config}");
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+pub use duration::{DurationError, format_go_duration, parse_go_duration};
 pub use matching::{MatchRule, ProviderMatch};
 
 use crate::secret::SecretBytes;
