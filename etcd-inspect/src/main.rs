@@ -42,8 +42,12 @@ fn main() -> ExitCode {
         // read what it wanted, so end quietly.
         Err(e) if cli_kit::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            // Every error's message already includes its cause.
-            eprintln!("etcd-inspect: {e}");
+            // Every error's message already includes its cause; it may quote
+            // an etcd key or a plugin's words, so control characters are escaped.
+            eprintln!(
+                "etcd-inspect: {}",
+                cli_kit::escape::escape_control(&e.to_string())
+            );
             Exit::Error.into()
         }
     }
