@@ -76,7 +76,7 @@ pub use config::{
     ConfigApiVersion, ConfigError, DEFAULT_KMS_TIMEOUT, DurationError, EncryptionConfiguration,
     FieldError, Key, KeysConfig, KmsApiVersion, KmsConfig, MatchRule, ProviderConfig,
     ProviderMatch, ResourceConfig, config_file_hash, format_go_duration, key_id_hash,
-    parse_go_duration,
+    parse_go_duration, redact_parser_message,
 };
 pub use etcd_key::{
     BUILTIN_RESOURCES, BuiltinResource, DEFAULT_PREFIX, KeyError, KeyKind, KeyResource,

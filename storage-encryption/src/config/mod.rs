@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 pub use duration::{DurationError, format_go_duration, parse_go_duration};
 pub use matching::{MatchRule, ProviderMatch};
+pub use parse::redact_parser_message;
 
 use crate::secret::SecretBytes;
 
