@@ -15,6 +15,7 @@
 //! for a KMS provider's `timeout`; it lives in `storage-encryption` (which has no
 //! I/O and no command-line parsing) and is wrapped here for clap.
 
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod duration;

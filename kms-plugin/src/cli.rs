@@ -84,6 +84,7 @@ pub enum KeyringCommand {
     Add(KeyringPath),
     /// Make KEK N primary; it gets a key_id never used before. Prints that key_id.
     Promote {
+        /// `--keyring PATH`.
         #[command(flatten)]
         path: KeyringPath,
         /// The KEK number (see `keyring list`).
@@ -92,6 +93,7 @@ pub enum KeyringCommand {
     },
     /// Remove decrypt-only KEK N. Anything still encrypted with it is lost: audit first.
     Retire {
+        /// `--keyring PATH`.
         #[command(flatten)]
         path: KeyringPath,
         /// The KEK number (see `keyring list`).
@@ -100,6 +102,7 @@ pub enum KeyringCommand {
     },
     /// Show KEK numbers, states, creation times and key_ids (never key bytes).
     List {
+        /// `--keyring PATH`.
         #[command(flatten)]
         path: KeyringPath,
         /// Output format.

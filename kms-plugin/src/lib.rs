@@ -4,6 +4,7 @@
 //! 32-byte DEK seeds under a KEK from the local keyring file. Start reading at
 //! [`serve::serve`] (the daemon), [`service`] (the three RPCs), [`keyring`]
 //! (KEKs, key_ids, reload snapshots) and [`envelope`] (the ciphertext format).
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use kms_client::{Endpoint, EndpointError};

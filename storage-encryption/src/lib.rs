@@ -58,6 +58,7 @@
 //! `serde-saphyr` 2 (what kube 5 uses): it parses with `deny_unknown_fields` and
 //! serializes, so one crate serves both directions.
 
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod classify;
