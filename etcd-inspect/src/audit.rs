@@ -206,6 +206,13 @@ impl Auditor {
         Ok(auditor)
     }
 
+    /// With `--decrypt-check`: the KMS plugin outage met while auditing the
+    /// last value, if any. That value's record is not a verdict; the run must
+    /// stop with an error (see [`crate::run::RunError::PluginOutage`]).
+    pub fn plugin_outage(&self) -> Option<&crate::decrypt::PluginOutage> {
+        self.decryptor.as_ref().and_then(Decryptor::outage)
+    }
+
     /// The current key_id used for each KMS v2 provider.
     pub fn kms_key_ids(&self) -> &BTreeMap<String, String> {
         &self.kms_key_ids

@@ -8,18 +8,34 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use cli_kit::duration::at_least;
 
 use crate::etcd::EtcdConnection;
 use crate::record::Finding;
 use crate::scan::ScanOptions;
 
-/// Exit codes, shown in `--help` and the README.
-pub const EXIT_CODES: &str = "\
-Exit codes:
-  0  clean: no finding in --fail-on
-  1  findings: at least one key has a finding in --fail-on
-  2  usage, config, connection or KMS plugin error (nothing was judged)
+cli_kit::exit_codes! {
+    /// What `etcd-inspect` exits with (shown in `--help` and the README).
+    pub enum Exit {
+        /// Nothing in `--fail-on` was found.
+        Clean = 0 => "clean: no finding in --fail-on",
+        /// At least one finding in `--fail-on`.
+        Findings = 1 => "findings: at least one key has a finding in --fail-on",
+        /// Nothing (more) could be judged.
+        Error = 2 => "usage, config, connection or KMS plugin error (nothing was judged,\n\
+                      or nothing past the last key named in the message)",
+    }
+}
 
+/// The shortest `--dial-timeout` and `--command-timeout`.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
+fn after_help() -> String {
+    format!("{}\n{FINDINGS_HELP}", Exit::help())
+}
+
+/// The findings and JSON shape, shown in `--help` after the exit codes.
+const FINDINGS_HELP: &str = "\
 Findings (with --config):
   ok              stored as the first provider (and its first key) of the matching entry
   plaintext       not encrypted, but the config expects encryption
@@ -48,7 +64,7 @@ pub enum OutputFormat {
 /// Audit kube-apiserver's etcd: classify every stored value and check it
 /// against an EncryptionConfiguration. Read-only.
 #[derive(Debug, Parser)]
-#[command(name = "etcd-inspect", version, after_help = EXIT_CODES)]
+#[command(name = "etcd-inspect", version, after_help = after_help())]
 pub struct Args {
     /// etcd endpoints, comma-separated or repeated (like etcdctl).
     #[arg(
@@ -71,12 +87,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
 
-    /// Time allowed to connect to etcd (e.g. 5s, 500ms).
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    /// Time allowed to connect to etcd (e.g. 5s, 500ms; at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = at_least(MIN_TIMEOUT))]
     pub dial_timeout: Duration,
 
-    /// Time allowed for each etcd page read or KMS call.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    /// Time allowed for each etcd page read or KMS call (at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = at_least(MIN_TIMEOUT))]
     pub command_timeout: Duration,
 
     /// kube-apiserver's --etcd-prefix: keys are mapped to resources below it.
@@ -280,27 +296,6 @@ fn parse_pairs(items: &[String]) -> Result<BTreeMap<String, String>, String> {
     Ok(map)
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 5s or 500ms"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,13 +388,36 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("s").is_err());
+    fn durations_use_the_go_grammar_and_a_minimum() {
+        let s = parse(&["--dial-timeout", "1m30s", "--command-timeout", "1.5s"]).unwrap();
+        assert_eq!(s.etcd.dial_timeout, Duration::from_secs(90));
+        assert_eq!(s.etcd.command_timeout, Duration::from_millis(1500));
+        for (flag, bad) in [
+            ("--dial-timeout", "1ns"),
+            ("--dial-timeout", "0"),
+            ("--command-timeout", "99ms"),
+            ("--command-timeout", "7"),
+            ("--command-timeout", "5x"),
+        ] {
+            let e = parse(&[flag, bad]).unwrap_err();
+            assert!(e.contains(flag), "{flag} {bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        use clap::CommandFactory as _;
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains(&Exit::help()), "{help}");
+        for code in Exit::ALL {
+            assert!(
+                help.contains(&format!(
+                    "  {}  {}",
+                    code.code(),
+                    code.meaning().lines().next().unwrap()
+                )),
+                "{code:?} missing from --help"
+            );
+        }
     }
 }

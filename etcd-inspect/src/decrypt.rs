@@ -42,6 +42,18 @@ pub struct Decryptor {
     clients: BTreeMap<String, KmsClient>,
     seeds: HashMap<SeedKey, Result<Seed, String>>,
     plugin_calls: u64,
+    outage: Option<PluginOutage>,
+}
+
+/// A KMS plugin that did not answer (down, hung, connection lost): the value
+/// that needed it was not judged, and nothing after it can be trusted to be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("KMS provider {provider}: {reason}")]
+pub struct PluginOutage {
+    /// The KMS v2 provider name.
+    pub provider: String,
+    /// What happened (names the endpoint; no secret).
+    pub reason: String,
 }
 
 impl std::fmt::Debug for SeedKey {
@@ -60,7 +72,15 @@ impl Decryptor {
             clients,
             seeds: HashMap::new(),
             plugin_calls: 0,
+            outage: None,
         }
+    }
+
+    /// The plugin outage met by the last [`check`](Self::check), if any. Once
+    /// set it stays: the caller must stop, since a value checked during an
+    /// outage reads as `decrypt-failed` though the plugin never judged it.
+    pub fn outage(&self) -> Option<&PluginOutage> {
+        self.outage.as_ref()
     }
 
     /// How many plugin Decrypt calls were made so far.
@@ -132,6 +152,14 @@ impl Decryptor {
                     Seed::LEN
                 )
             }),
+            Err(e) if e.is_outage() => {
+                // Not cached: an outage says nothing about this ciphertext.
+                self.outage = Some(PluginOutage {
+                    provider: provider.to_owned(),
+                    reason: e.to_string(),
+                });
+                return;
+            }
             Err(e) => Err(e.to_string()),
         };
         if self.seeds.len() >= MAX_CACHED_SEEDS {

@@ -56,6 +56,26 @@ pub enum KmsError {
     },
 }
 
+impl KmsError {
+    /// Whether the error says the plugin is down, hung or unreachable (no
+    /// answer, a timeout, a broken connection) rather than that it looked at
+    /// the request and refused it. An outage judges nothing about the data.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            KmsError::BadEndpoint { .. } => false,
+            KmsError::Connect { .. } | KmsError::Timeout { .. } => true,
+            KmsError::Call { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+                    | tonic::Code::ResourceExhausted
+            ),
+        }
+    }
+}
+
 /// Parses the endpoint forms kube-apiserver and our plugin accept.
 pub fn parse_endpoint(endpoint: &str) -> Result<kms_client::Endpoint, KmsError> {
     endpoint.parse().map_err(|_| KmsError::BadEndpoint {

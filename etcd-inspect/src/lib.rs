@@ -11,6 +11,7 @@
 //! Start reading at [`run::run`]. The binary's flags are in [`cli`].
 //! Plaintext and key material never reach a report, a log or an error.
 
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod audit;

@@ -1,9 +1,11 @@
 //! `etcd-inspect`: parse flags, start logging, run the audit, map the result
-//! to the documented exit code (0 clean, 1 findings, 2 error).
+//! to the documented exit code ([`etcd_inspect::cli::Exit`]).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use cli_kit::logging::{LogFormat, LogSettings};
+use etcd_inspect::cli::Exit;
 use etcd_inspect::{Args, Settings};
 
 fn main() -> ExitCode {
@@ -12,16 +14,15 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("etcd-inspect: {e}");
-            return ExitCode::from(2);
+            return Exit::Error.into();
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATREST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cli_kit::logging::init(LogSettings {
+        name: "etcd-inspect",
+        version: env!("CARGO_PKG_VERSION"),
+        format: LogFormat::Plain,
+        default_filter: "warn",
+    });
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -31,16 +32,23 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("etcd-inspect: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
+            return Exit::Error.into();
         }
     };
     let stdout = std::io::stdout();
     match runtime.block_on(etcd_inspect::run(&settings, stdout.lock())) {
-        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Ok(outcome) => outcome.exit().into(),
+        // The reader of the report has gone (`etcd-inspect ... | head`): it
+        // read what it wanted, so end quietly.
+        Err(e) if cli_kit::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            // Every error's message already includes its cause.
-            eprintln!("etcd-inspect: {e}");
-            ExitCode::from(2)
+            // Every error's message already includes its cause; it may quote
+            // an etcd key or a plugin's words, so control characters are escaped.
+            eprintln!(
+                "etcd-inspect: {}",
+                cli_kit::escape::escape_control(&e.to_string())
+            );
+            Exit::Error.into()
         }
     }
 }

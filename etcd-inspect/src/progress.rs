@@ -25,7 +25,7 @@ impl Progress {
         ) {
             bar.set_style(style);
         }
-        bar.set_message(prefix.to_owned());
+        bar.set_message(cli_kit::escape::escape_control(prefix).into_owned());
         bar.enable_steady_tick(Duration::from_millis(200));
         Progress { bar: Some(bar) }
     }

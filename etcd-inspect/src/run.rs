@@ -5,8 +5,10 @@
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
+use cli_kit::escape::escape_control;
+
 use crate::audit::{Auditor, AuditorError};
-use crate::cli::{OutputFormat, Settings};
+use crate::cli::{Exit, OutputFormat, Settings};
 use crate::etcd::EtcdError;
 use crate::progress::Progress;
 use crate::report::{JsonReporter, JunitReporter, Reporter, ScanMeta, TableReporter};
@@ -40,6 +42,21 @@ pub enum RunError {
     /// etcd failed.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    /// A KMS plugin stopped answering during `--decrypt-check`: the values
+    /// from `at` on were not judged (a refusal would be `decrypt-failed`).
+    #[error(
+        "{outage}; nothing judged past key {} (the plugin failed at key {})",
+        last_judged.as_deref().map(escape_control).unwrap_or("(none: no key was judged)".into()),
+        escape_control(at)
+    )]
+    PluginOutage {
+        /// The last key with a verdict, if any.
+        last_judged: Option<String>,
+        /// The key whose check met the outage.
+        at: String,
+        /// Which plugin and why.
+        outage: crate::decrypt::PluginOutage,
+    },
     /// Writing the report failed.
     #[error("cannot write the report: {0}")]
     Output(#[from] std::io::Error),
@@ -62,9 +79,18 @@ impl Outcome {
         self.summary.failing(&self.meta.fail_on)
     }
 
-    /// 0 when nothing in `--fail-on` was found, else 1.
+    /// [`Exit::Clean`] when nothing in `--fail-on` was found, else [`Exit::Findings`].
+    pub fn exit(&self) -> Exit {
+        if self.failing() > 0 {
+            Exit::Findings
+        } else {
+            Exit::Clean
+        }
+    }
+
+    /// The process exit status of [`exit`](Self::exit).
     pub fn exit_code(&self) -> u8 {
-        if self.failing() > 0 { 1 } else { 0 }
+        self.exit().code()
     }
 }
 
@@ -113,6 +139,7 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     let progress = Progress::on_terminal(&settings.prefix);
     let mut summary = Summary::default();
     let mut meta: Option<ScanMeta> = None;
+    let mut last_judged: Option<String> = None;
 
     while let Some(page) = scan.next_page().await {
         let page = match page {
@@ -136,8 +163,18 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
         let n = page.kvs.len() as u64;
         for kv in page.kvs {
             let record = auditor.audit(&kv.key, &kv.value).await;
+            if let Some(outage) = auditor.plugin_outage() {
+                progress.finish();
+                // Fail closed: neither this record nor any later one is a verdict.
+                return Err(RunError::PluginOutage {
+                    last_judged,
+                    at: String::from_utf8_lossy(&kv.key).into_owned(),
+                    outage: outage.clone(),
+                });
+            }
             summary.add(&record);
             reporter.record(&record)?;
+            last_judged = Some(record.key);
         }
         progress.inc(n);
     }

@@ -4,6 +4,7 @@
 //!
 //! Used by the plugin's `probe`, by etcd-inspect, by the load generator and by
 //! the end-to-end tests, so all of them parse endpoints the same way.
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod endpoint;

@@ -5,25 +5,50 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cli_kit::duration::at_least;
 use thiserror::Error;
 
 use crate::serve::ServeConfig;
 use crate::socket::SocketAccess;
 use kms_client::Endpoint;
 
-const AFTER_HELP: &str = "\
-Exit codes:
-  0  success (serve: stopped by SIGTERM/SIGINT after draining; probe: healthy)
-  1  failure (serve: cannot start or failed; probe: unhealthy or unreachable;
-     keyring: the file could not be read, edited or written)
-  2  usage error
+pub use cli_kit::logging::LogFormat;
 
+cli_kit::exit_codes! {
+    /// What `kms-plugin` exits with (shown in `--help`).
+    pub enum Exit {
+        /// Done.
+        Success = 0 => "success (serve: stopped by SIGTERM/SIGINT after draining; probe: healthy)",
+        /// Runtime failure.
+        Failure = 1 => "failure (serve: cannot start or failed; probe: unhealthy or unreachable;\n\
+                        keyring: the file could not be read, edited or written)",
+        /// Bad flags.
+        Usage = 2 => "usage error",
+    }
+}
+
+/// The shortest `--reload-interval` and `--self-test-interval`: a shorter
+/// period would only burn CPU.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The shortest `--grace-period` and probe `--timeout`.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// The shortest `--idle-timeout`: below it, connections between calls of a
+/// busy client would be closed and reopened.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn after_help() -> String {
+    format!(
+        "{}
 Logs go to stderr; set ATREST_LOG (e.g. info, debug, kms_plugin=debug) to filter.
-Keys are never taken from the command line: they are generated into the keyring file.";
+Durations are written like 500ms, 10s, 1m30s.
+Keys are never taken from the command line: they are generated into the keyring file.",
+        Exit::help()
+    )
+}
 
 /// atrest kms-plugin: a Kubernetes KMS v2 plugin with a local, rotating keyring.
 #[derive(Debug, Parser)]
-#[command(name = "kms-plugin", version, after_help = AFTER_HELP)]
+#[command(name = "kms-plugin", version, after_help = after_help())]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -63,6 +88,7 @@ pub enum KeyringCommand {
     Add(KeyringPath),
     /// Make KEK N primary; it gets a key_id never used before. Prints that key_id.
     Promote {
+        /// `--keyring PATH`.
         #[command(flatten)]
         path: KeyringPath,
         /// The KEK number (see `keyring list`).
@@ -71,6 +97,7 @@ pub enum KeyringCommand {
     },
     /// Remove decrypt-only KEK N. Anything still encrypted with it is lost: audit first.
     Retire {
+        /// `--keyring PATH`.
         #[command(flatten)]
         path: KeyringPath,
         /// The KEK number (see `keyring list`).
@@ -79,6 +106,7 @@ pub enum KeyringCommand {
     },
     /// Show KEK numbers, states, creation times and key_ids (never key bytes).
     List {
+        /// `--keyring PATH`.
         #[command(flatten)]
         path: KeyringPath,
         /// Output format.
@@ -93,15 +121,6 @@ pub enum ListFormat {
     /// A table for people.
     Text,
     /// JSON for scripts.
-    Json,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line.
     Json,
 }
 
@@ -127,19 +146,19 @@ pub struct ServeArgs {
     /// Group owning the socket file (name or id).
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
-    /// How long in-flight calls may take to finish after SIGTERM.
-    #[arg(long, value_name = "DURATION", default_value = "10s")]
-    pub grace_period: String,
-    /// How often to poll the keyring file for changes (it is also watched).
-    #[arg(long, value_name = "DURATION", default_value = "2s")]
-    pub reload_interval: String,
-    /// How often to run the encrypt/decrypt self-test that feeds healthz.
-    #[arg(long, value_name = "DURATION", default_value = "10s")]
-    pub self_test_interval: String,
+    /// How long in-flight calls may take to finish after SIGTERM (at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = at_least(MIN_TIMEOUT))]
+    pub grace_period: Duration,
+    /// How often to poll the keyring file for changes (it is also watched; at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = at_least(MIN_INTERVAL))]
+    pub reload_interval: Duration,
+    /// How often to run the encrypt/decrypt self-test that feeds healthz (at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = at_least(MIN_INTERVAL))]
+    pub self_test_interval: Duration,
     /// Close a client connection that has had no call in flight for this long
-    /// (clients such as kube-apiserver reconnect by themselves).
-    #[arg(long, value_name = "DURATION", default_value = "5m")]
-    pub idle_timeout: String,
+    /// (clients such as kube-apiserver reconnect by themselves; at least 1s).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = at_least(MIN_IDLE_TIMEOUT))]
+    pub idle_timeout: Duration,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -159,9 +178,9 @@ pub struct ProbeArgs {
         default_value = "unix:///var/run/kmsplugin/socket.sock"
     )]
     pub listen: String,
-    /// How long to wait for the answer.
-    #[arg(long, value_name = "DURATION", default_value = "3s")]
-    pub timeout: String,
+    /// How long to wait for the answer (at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = at_least(MIN_TIMEOUT))]
+    pub timeout: Duration,
 }
 
 /// A flag value that does not make sense; names the flag.
@@ -176,15 +195,6 @@ pub struct FlagError {
 
 fn flag(flag: &'static str) -> impl Fn(String) -> FlagError {
     move |reason| FlagError { flag, reason }
-}
-
-/// Parses a positive duration like `10s`, `500ms`, `1m`.
-pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, FlagError> {
-    let d = humantime::parse_duration(text).map_err(|e| flag(name)(format!("{text:?}: {e}")))?;
-    if d.is_zero() {
-        return Err(flag(name)("must be greater than zero".into()));
-    }
-    Ok(d)
 }
 
 /// Parses an endpoint flag.
@@ -236,10 +246,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 mode,
                 group: args.socket_group,
             },
-            grace_period: parse_duration("--grace-period", &args.grace_period)?,
-            reload_interval: parse_duration("--reload-interval", &args.reload_interval)?,
-            self_test_interval: parse_duration("--self-test-interval", &args.self_test_interval)?,
-            idle_timeout: parse_duration("--idle-timeout", &args.idle_timeout)?,
+            grace_period: args.grace_period,
+            reload_interval: args.reload_interval,
+            self_test_interval: args.self_test_interval,
+            idle_timeout: args.idle_timeout,
         })
     }
 }
@@ -281,6 +291,8 @@ mod tests {
             (&["--metrics-addr", "nope"][..], "--metrics-addr"),
             (&["--grace-period", "0s"][..], "--grace-period"),
             (&["--reload-interval", "soon"][..], "--reload-interval"),
+            (&["--self-test-interval", "1ns"][..], "--self-test-interval"),
+            (&["--reload-interval", "99ms"][..], "--reload-interval"),
             (
                 &["--listen", "unix:///@x", "--socket-group", "0"][..],
                 "--socket-group",
@@ -290,5 +302,22 @@ mod tests {
             assert!(err.contains(flag), "{err} should name {flag}");
         }
         assert_eq!(args(&["--socket-mode", "0660"]).unwrap().socket.mode, 0o660);
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        use clap::CommandFactory as _;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains(&Exit::help()), "{help}");
+        for code in Exit::ALL {
+            assert!(
+                help.contains(&format!(
+                    "  {}  {}",
+                    code.code(),
+                    code.meaning().lines().next().unwrap()
+                )),
+                "{code:?} missing from --help"
+            );
+        }
     }
 }

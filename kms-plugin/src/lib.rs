@@ -8,6 +8,7 @@
 //! ciphertext format); [`transport`] and [`socket`] hold the defences against
 //! hostile clients and socket paths, [`reload`] keeps file reads off the
 //! serving threads.
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use kms_client::{Endpoint, EndpointError};
@@ -18,7 +19,6 @@ pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod keyring;
-pub mod logging;
 pub mod metrics;
 pub mod probe;
 pub mod reload;

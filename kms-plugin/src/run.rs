@@ -2,20 +2,29 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{
-    Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint,
-};
+use cli_kit::logging::{LogSettings, init as init_logging};
+
+use crate::cli::{Cli, Command, Exit, KeyringCommand, ListFormat, LogFormat, parse_endpoint};
 use crate::serve::{ServeConfig, serve, shutdown_signal};
 use ::keyring::edit;
 
 /// Exit code for a usage error (bad flag value).
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_USAGE: Exit = Exit::Usage;
 /// Exit code for a runtime failure.
-pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_FAILURE: Exit = Exit::Failure;
 
-fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
+fn fail(message: impl std::fmt::Display, code: Exit) -> ExitCode {
     eprintln!("kms-plugin: {message}");
-    ExitCode::from(code)
+    code.into()
+}
+
+fn logging(format: LogFormat) -> LogSettings {
+    LogSettings {
+        name: "kms-plugin",
+        version: env!("CARGO_PKG_VERSION"),
+        format,
+        default_filter: "info",
+    }
 }
 
 /// Runs `cli` to completion.
@@ -29,8 +38,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e, EXIT_USAGE),
             };
-            crate::logging::init(format);
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), "kms-plugin starting");
+            init_logging(logging(format));
             match runtime_with(worker_threads)
                 .map(|rt| rt.block_on(serve(config, shutdown_signal())))
             {
@@ -43,22 +51,24 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Probe(args) => {
-            let (endpoint, timeout) = match (
-                parse_endpoint("--listen", &args.listen),
-                parse_duration("--timeout", &args.timeout),
-            ) {
-                (Ok(e), Ok(t)) => (e, t),
-                (Err(e), _) | (_, Err(e)) => return fail(e, EXIT_USAGE),
+            let timeout = args.timeout;
+            let endpoint = match parse_endpoint("--listen", &args.listen) {
+                Ok(e) => e,
+                Err(e) => return fail(e, EXIT_USAGE),
             };
-            crate::logging::init(LogFormat::Plain);
+            init_logging(logging(LogFormat::Plain));
             let result = runtime().map(|rt| rt.block_on(crate::probe::probe(&endpoint, timeout)));
             match result {
                 Ok(Ok(report)) => {
-                    println!(
-                        "healthy: version {} key_id {}",
-                        report.version, report.key_id
+                    let line = format!(
+                        "healthy: version {} key_id {}\n",
+                        report.version,
+                        cli_kit::escape::escape_control(&report.key_id)
                     );
-                    ExitCode::SUCCESS
+                    match cli_kit::output::print(&line) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => fail(format!("cannot write to stdout: {e}"), EXIT_FAILURE),
+                    }
                 }
                 Ok(Err(e)) => fail(e, EXIT_FAILURE),
                 Err(e) => fail(format!("cannot start the async runtime: {e}"), EXIT_FAILURE),
@@ -80,27 +90,24 @@ fn runtime_with(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtim
 }
 
 fn keyring(cmd: KeyringCommand) -> ExitCode {
+    // What the command prints on success (a key_id, a KEK number, a listing).
     let result = match cmd {
-        KeyringCommand::Init(p) => edit::init(&p.keyring).map(|l| println!("{}", l.key_id)),
-        KeyringCommand::Rotate(p) => edit::rotate(&p.keyring).map(|l| println!("{}", l.key_id)),
-        KeyringCommand::Add(p) => edit::add(&p.keyring).map(|n| println!("{n}")),
+        KeyringCommand::Init(p) => edit::init(&p.keyring).map(|l| format!("{}\n", l.key_id)),
+        KeyringCommand::Rotate(p) => edit::rotate(&p.keyring).map(|l| format!("{}\n", l.key_id)),
+        KeyringCommand::Add(p) => edit::add(&p.keyring).map(|n| format!("{n}\n")),
         KeyringCommand::Promote { path, kek } => {
-            edit::promote(&path.keyring, kek).map(|l| println!("{}", l.key_id))
+            edit::promote(&path.keyring, kek).map(|l| format!("{}\n", l.key_id))
         }
-        KeyringCommand::Retire { path, kek } => edit::retire(&path.keyring, kek),
+        KeyringCommand::Retire { path, kek } => {
+            edit::retire(&path.keyring, kek).map(|()| String::new())
+        }
         KeyringCommand::List { path, output } => match edit::list(&path.keyring) {
             Err(e) => Err(e),
             Ok(listing) => match output {
-                ListFormat::Text => {
-                    print!("{}", listing.to_text());
-                    Ok(())
-                }
+                ListFormat::Text => Ok(listing.to_text()),
                 // Printing nothing and exiting 0 would read as an empty keyring.
                 ListFormat::Json => match listing.to_json() {
-                    Ok(json) => {
-                        println!("{json}");
-                        Ok(())
-                    }
+                    Ok(json) => Ok(format!("{json}\n")),
                     Err(e) => {
                         return fail(
                             format!("cannot render the keyring listing as JSON: {e}"),
@@ -112,7 +119,11 @@ fn keyring(cmd: KeyringCommand) -> ExitCode {
         },
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`| head`) ends the program quietly in print.
+        Ok(text) => match cli_kit::output::print(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("cannot write to stdout: {e}"), EXIT_FAILURE),
+        },
         Err(e) => fail(e, EXIT_FAILURE),
     }
 }

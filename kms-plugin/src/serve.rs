@@ -17,8 +17,8 @@ use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::service::KmsService;
 use crate::socket::{self, SocketAccess, SocketError};
-use ::keyring::KeyringError;
 use crate::transport::{self, CallTracker, Incoming, Tracker};
+use ::keyring::KeyringError;
 use kms_client::Endpoint;
 
 /// Everything `serve` needs, validated.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use cli_kit::duration::at_least;
 
 use super::resources::ServedResource;
 
@@ -53,20 +54,20 @@ pub struct Args {
     #[arg(long)]
     pub encryption_provider_config_automatic_reload: bool,
 
-    /// How often the file is polled with automatic reload (kube-apiserver: every minute).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often the file is polled with automatic reload (kube-apiserver: every minute; at least 100ms).
+    #[arg(long, default_value = "1s", value_parser = at_least(Duration::from_millis(100)))]
     pub config_reload_interval: Duration,
 
     /// Fault: apply a changed config only this long after first seeing it (a slow apiserver).
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = at_least(Duration::ZERO))]
     pub reload_delay: Duration,
 
     /// This apiserver's identity; metrics carry `apiserver_id_hash="sha256:<hex(sha256(NAME))>"`.
     #[arg(long, default_value = "kube-apiserver-standin")]
     pub apiserver_id: String,
 
-    /// How often each KMS v2 plugin's Status is called (kube-apiserver: 60 s).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often each KMS v2 plugin's Status is called (kube-apiserver: 60 s; at least 100ms).
+    #[arg(long, default_value = "1s", value_parser = at_least(Duration::from_millis(100)))]
     pub kms_status_interval: Duration,
 
     /// Require `Authorization: Bearer TOKEN` on every request except /healthz, /readyz,
@@ -278,8 +279,17 @@ mod tests {
         let e = parse(&["--resources", "secrets,nodes"]).unwrap_err();
         assert_eq!(e.flag, "resources");
         assert!(e.to_string().contains("nodes"), "{e}");
-        let e = parse(&["--kms-status-interval", "0s"]).unwrap_err();
-        assert_eq!(e.flag, "kms-status-interval");
+        // Intervals below their minimum are refused by clap (exit 2), naming the flag.
+        let e = Args::try_parse_from([
+            "kube-apiserver-standin",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+            "--kms-status-interval",
+            "1ns",
+        ])
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--kms-status-interval"), "{e}");
         let e = parse(&["--encryption-provider-config-automatic-reload"]).unwrap_err();
         assert_eq!(e.flag, "encryption-provider-config-automatic-reload");
     }

@@ -9,13 +9,12 @@ use kube_apiserver_standin::{Args, Config, run};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATREST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cli_kit::logging::init(cli_kit::logging::LogSettings {
+        name: "kube-apiserver-standin",
+        version: env!("CARGO_PKG_VERSION"),
+        format: cli_kit::logging::LogFormat::Plain,
+        default_filter: "info",
+    });
     let config = match Config::try_from(args) {
         Ok(c) => c,
         Err(e) => {

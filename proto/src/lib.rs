@@ -5,6 +5,8 @@
 //! - [`stored::kmsv2`]: the `EncryptedObject` kube-apiserver stores in etcd after
 //!   the `k8s:enc:kms:v2:<provider>:` prefix.
 
+#![warn(missing_docs)]
+
 /// The KMS v2 gRPC API (package `v2`).
 #[cfg(feature = "kms-grpc")]
 pub mod kms {

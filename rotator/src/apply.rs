@@ -125,18 +125,20 @@ pub enum ApplyError {
 
 /// Documented exit codes (see `rotator --help`).
 pub mod exit {
+    use crate::cli::Exit;
+
     /// Done (or nothing to do).
-    pub const OK: u8 = 0;
+    pub const OK: u8 = Exit::Ok.code();
     /// Runtime failure: I/O, apiserver, etcd, kms-plugin CLI, rewrite.
-    pub const FAILURE: u8 = 1;
+    pub const FAILURE: u8 = Exit::Failure.code();
     /// Usage or config error: flags, rotator config, EncryptionConfiguration, no possible plan.
-    pub const USAGE: u8 = 2;
+    pub const USAGE: u8 = Exit::Usage.code();
     /// The etcd audit gate refused a removal: values still need the old key.
-    pub const GATE_REFUSED: u8 = 3;
+    pub const GATE_REFUSED: u8 = Exit::GateRefused.code();
     /// An apiserver did not prove the stage in time.
-    pub const PROOF_TIMEOUT: u8 = 4;
+    pub const PROOF_TIMEOUT: u8 = Exit::ProofTimeout.code();
     /// State conflict: an unfinished run exists, none to resume, or host files drifted.
-    pub const STATE: u8 = 5;
+    pub const STATE: u8 = Exit::State.code();
 }
 
 impl ApplyError {

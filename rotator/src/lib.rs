@@ -26,6 +26,7 @@
 //! Keys are generated here ([`keygen`]), never typed on a command line, and
 //! live only in zeroizing types with redacted `Debug` ([`secret`]).
 
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod apiserver;

@@ -1,16 +1,18 @@
-//! `rotator`: parse flags, start logging, run, exit with the documented code.
+//! `rotator`: parse flags, start logging, run, exit with the documented code
+//! ([`rotator::cli::Exit`]).
 
 use clap::Parser;
+use cli_kit::logging::{LogFormat, LogSettings};
+use rotator::cli::Exit;
 
 fn main() -> std::process::ExitCode {
     let cli = rotator::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATREST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cli_kit::logging::init(LogSettings {
+        name: "rotator",
+        version: env!("CARGO_PKG_VERSION"),
+        format: LogFormat::Plain,
+        default_filter: "warn",
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -18,7 +20,7 @@ fn main() -> std::process::ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rotator: error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::from(rotator::apply::exit::FAILURE);
+            return Exit::Failure.into();
         }
     };
     std::process::ExitCode::from(runtime.block_on(rotator::cli::run(cli)))

@@ -4,8 +4,10 @@
 //! the EncryptionConfiguration file, the stored value format of every provider,
 //! kube-apiserver's reading model (who reads a value, is it stale), and the etcd
 //! key ↔ resource map. `etcd-inspect`, the rotator and the kube-apiserver stand-in
-//! build on it. The facts it implements are in `shared/spec/` (stored-formats.md,
-//! encryption-config.md); the tests hold known answers written by kube-apiserver.
+//! build on it. Each format is described where it is implemented (the module docs
+//! of [`format`](mod@format), [`read`], [`etcd_key`], [`config`]); the tests hold
+//! known answers written by kube-apiserver's own code (`testdata/vectors/` at the
+//! workspace root, with a README saying how they were made).
 //!
 //! ## Where to start
 //!
@@ -56,6 +58,7 @@
 //! `serde-saphyr` 2 (what kube 5 uses): it parses with `deny_unknown_fields` and
 //! serializes, so one crate serves both directions.
 
+#![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod classify;
@@ -71,9 +74,10 @@ mod secret;
 
 pub use classify::{Classification, classify_value};
 pub use config::{
-    ConfigApiVersion, ConfigError, DEFAULT_KMS_TIMEOUT, EncryptionConfiguration, FieldError, Key,
-    KeysConfig, KmsApiVersion, KmsConfig, MatchRule, ProviderConfig, ProviderMatch, ResourceConfig,
-    config_file_hash, key_id_hash,
+    ConfigApiVersion, ConfigError, DEFAULT_KMS_TIMEOUT, DurationError, EncryptionConfiguration,
+    FieldError, Key, KeysConfig, KmsApiVersion, KmsConfig, MatchRule, ProviderConfig,
+    ProviderMatch, ResourceConfig, config_file_hash, format_go_duration, key_id_hash,
+    parse_go_duration, redact_parser_message,
 };
 pub use etcd_key::{
     BUILTIN_RESOURCES, BuiltinResource, DEFAULT_PREFIX, KeyError, KeyKind, KeyResource,

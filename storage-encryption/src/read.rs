@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::config::{KmsApiVersion, ProviderConfig};
+use crate::config::{KmsApiVersion, KmsConfig, ProviderConfig};
 use crate::format::kmsv2::{EncryptedDekSourceType, EncryptedObject, KmsV2WriteKey};
 use crate::format::prefix::{self, ProviderKind};
 use crate::format::{FormatError, aescbc, aesgcm, kmsv1, kmsv2, secretbox};
@@ -413,28 +413,14 @@ fn walk(
     value: &[u8],
     kms: &dyn KmsWriteState,
     mode: &Mode<'_>,
-) -> Result<(Read, Option<Plaintext>), ReadFailure> {
+) -> Result<Found, ReadFailure> {
     let encrypted = value.starts_with(prefix::ENCRYPTED);
     let decrypting = matches!(mode, Mode::Decrypt { .. });
-    let identity_plain = || decrypting.then(|| Plaintext::new(value.to_vec()));
     if providers.is_empty() {
         if encrypted {
             return Err(ReadFailure::IdentityGotEncrypted);
         }
-        let reader = Reader {
-            provider_index: None,
-            kind: ProviderKind::Identity,
-            name: None,
-            key_index: None,
-        };
-        return Ok((
-            Read {
-                reader,
-                stale_reasons: Vec::new(),
-                kms_write_state_unknown: false,
-            },
-            identity_plain(),
-        ));
+        return Ok(read_by_identity(None, Vec::new(), value, decrypting));
     }
 
     let mut attempts = Vec::new();
@@ -443,156 +429,209 @@ fn walk(
         if i != 0 {
             stale.push(StaleReason::NotFirstProvider { provider_index: i });
         }
-        match provider {
+        let found = match provider {
             ProviderConfig::Identity => {
-                if encrypted {
-                    continue; // identity's errors are skipped
-                }
-                let reader = Reader {
-                    provider_index: Some(i),
-                    kind: ProviderKind::Identity,
-                    name: None,
-                    key_index: None,
-                };
-                return Ok((
-                    Read {
-                        reader,
-                        stale_reasons: stale,
-                        kms_write_state_unknown: false,
-                    },
-                    identity_plain(),
-                ));
+                // identity's errors are skipped
+                (!encrypted).then(|| read_by_identity(Some(i), stale, value, decrypting))
             }
             ProviderConfig::AesCbc(_)
             | ProviderConfig::AesGcm(_)
             | ProviderConfig::Secretbox(_) => {
-                let kind = match provider {
-                    ProviderConfig::AesCbc(_) => ProviderKind::AesCbc,
-                    ProviderConfig::AesGcm(_) => ProviderKind::AesGcm,
-                    _ => ProviderKind::Secretbox,
-                };
-                for (k, key) in provider.keys().unwrap_or_default().iter().enumerate() {
-                    let Some(payload) = prefix::strip(value, kind, &key.name) else {
-                        continue;
-                    };
-                    let reader = Reader {
-                        provider_index: Some(i),
-                        kind,
-                        name: Some(key.name.clone()),
-                        key_index: Some(k),
-                    };
-                    let secret = key.secret.expose();
-                    let result = match (mode, kind) {
-                        (Mode::Judge, ProviderKind::AesCbc) => {
-                            aescbc::check_structure(payload).map(|()| None)
-                        }
-                        (Mode::Judge, ProviderKind::AesGcm) => {
-                            aesgcm::check_structure(payload).map(|()| None)
-                        }
-                        (Mode::Judge, _) => secretbox::check_structure(payload).map(|()| None),
-                        (Mode::Decrypt { .. }, ProviderKind::AesCbc) => {
-                            aescbc::decrypt(secret, payload).map(Some)
-                        }
-                        (Mode::Decrypt { etcd_key, .. }, ProviderKind::AesGcm) => {
-                            aesgcm::open(secret, payload, etcd_key).map(Some)
-                        }
-                        (Mode::Decrypt { .. }, _) => secretbox::open(secret, payload).map(Some),
-                    };
-                    match result {
-                        Ok(plain) => {
-                            let mut stale_reasons = stale.clone();
-                            if k != 0 {
-                                stale_reasons.push(StaleReason::NotFirstKey { key_index: k });
-                            }
-                            return Ok((
-                                Read {
-                                    reader,
-                                    stale_reasons,
-                                    kms_write_state_unknown: false,
-                                },
-                                plain,
-                            ));
-                        }
-                        Err(e) => attempts.push(FailedAttempt {
-                            reader,
-                            error: e.into(),
-                        }),
-                    }
-                }
+                read_by_local_key(i, provider, stale, value, mode, &mut attempts)
             }
             ProviderConfig::Kms(cfg) if cfg.api_version == KmsApiVersion::V1 => {
-                let Some(payload) = prefix::strip(value, ProviderKind::KmsV1, &cfg.name) else {
-                    continue;
-                };
-                let reader = Reader {
-                    provider_index: Some(i),
-                    kind: ProviderKind::KmsV1,
-                    name: Some(cfg.name.clone()),
-                    key_index: None,
-                };
-                match read_kms_v1(&cfg.name, payload, mode) {
-                    Ok((plain, cbc)) => {
-                        if cbc {
-                            stale.push(StaleReason::KmsV1CbcFallback);
-                        }
-                        return Ok((
-                            Read {
-                                reader,
-                                stale_reasons: stale,
-                                kms_write_state_unknown: false,
-                            },
-                            plain,
-                        ));
-                    }
-                    Err(error) => attempts.push(FailedAttempt { reader, error }),
-                }
+                read_by_kms_v1(i, cfg, stale, value, mode, &mut attempts)
             }
             ProviderConfig::Kms(cfg) => {
-                let Some(payload) = prefix::strip(value, ProviderKind::KmsV2, &cfg.name) else {
-                    continue;
-                };
-                let reader = Reader {
-                    provider_index: Some(i),
-                    kind: ProviderKind::KmsV2,
-                    name: Some(cfg.name.clone()),
-                    key_index: None,
-                };
-                match read_kms_v2(&cfg.name, payload, mode) {
-                    Ok((object, plain)) => {
-                        let mut unknown = false;
-                        if object.encrypted_dek_source_type
-                            != EncryptedDekSourceType::HkdfSha256XnonceAesGcmSeed as i32
-                        {
-                            stale.push(StaleReason::KmsV2LegacyDekSource);
-                        }
-                        match kms.current_key_id(&cfg.name) {
-                            Some(current) if current != object.key_id => {
-                                stale.push(StaleReason::KmsV2KeyId {
-                                    stored: object.key_id.clone(),
-                                    current,
-                                });
-                            }
-                            Some(_) => {}
-                            None => unknown = true,
-                        }
-                        return Ok((
-                            Read {
-                                reader,
-                                stale_reasons: stale,
-                                kms_write_state_unknown: unknown,
-                            },
-                            plain,
-                        ));
-                    }
-                    Err(error) => attempts.push(FailedAttempt { reader, error }),
-                }
+                read_by_kms_v2(i, cfg, stale, value, kms, mode, &mut attempts)
             }
+        };
+        if let Some(found) = found {
+            return Ok(found);
         }
     }
     if attempts.is_empty() {
         Err(ReadFailure::NoMatchingPrefix)
     } else {
         Err(ReadFailure::AllFailed { attempts })
+    }
+}
+
+/// Who read a value, and its plaintext when decrypting.
+type Found = (Read, Option<Plaintext>);
+
+/// Identity reads anything that is not encrypted (`provider_index` `None`:
+/// no rule matched, the bare identity of kube-apiserver).
+fn read_by_identity(
+    provider_index: Option<usize>,
+    stale_reasons: Vec<StaleReason>,
+    value: &[u8],
+    decrypting: bool,
+) -> Found {
+    let reader = Reader {
+        provider_index,
+        kind: ProviderKind::Identity,
+        name: None,
+        key_index: None,
+    };
+    (
+        Read {
+            reader,
+            stale_reasons,
+            kms_write_state_unknown: false,
+        },
+        decrypting.then(|| Plaintext::new(value.to_vec())),
+    )
+}
+
+/// aescbc, aesgcm, secretbox: each key whose name prefix matches is tried in
+/// order; failures are recorded in `attempts`.
+fn read_by_local_key(
+    i: usize,
+    provider: &ProviderConfig,
+    stale: Vec<StaleReason>,
+    value: &[u8],
+    mode: &Mode<'_>,
+    attempts: &mut Vec<FailedAttempt>,
+) -> Option<Found> {
+    let kind = match provider {
+        ProviderConfig::AesCbc(_) => ProviderKind::AesCbc,
+        ProviderConfig::AesGcm(_) => ProviderKind::AesGcm,
+        _ => ProviderKind::Secretbox,
+    };
+    for (k, key) in provider.keys().unwrap_or_default().iter().enumerate() {
+        let Some(payload) = prefix::strip(value, kind, &key.name) else {
+            continue;
+        };
+        let reader = Reader {
+            provider_index: Some(i),
+            kind,
+            name: Some(key.name.clone()),
+            key_index: Some(k),
+        };
+        let secret = key.secret.expose();
+        let result = match (mode, kind) {
+            (Mode::Judge, ProviderKind::AesCbc) => aescbc::check_structure(payload).map(|()| None),
+            (Mode::Judge, ProviderKind::AesGcm) => aesgcm::check_structure(payload).map(|()| None),
+            (Mode::Judge, _) => secretbox::check_structure(payload).map(|()| None),
+            (Mode::Decrypt { .. }, ProviderKind::AesCbc) => {
+                aescbc::decrypt(secret, payload).map(Some)
+            }
+            (Mode::Decrypt { etcd_key, .. }, ProviderKind::AesGcm) => {
+                aesgcm::open(secret, payload, etcd_key).map(Some)
+            }
+            (Mode::Decrypt { .. }, _) => secretbox::open(secret, payload).map(Some),
+        };
+        match result {
+            Ok(plain) => {
+                let mut stale_reasons = stale;
+                if k != 0 {
+                    stale_reasons.push(StaleReason::NotFirstKey { key_index: k });
+                }
+                return Some((
+                    Read {
+                        reader,
+                        stale_reasons,
+                        kms_write_state_unknown: false,
+                    },
+                    plain,
+                ));
+            }
+            Err(e) => attempts.push(FailedAttempt {
+                reader,
+                error: e.into(),
+            }),
+        }
+    }
+    None
+}
+
+/// KMS v1 (deprecated): stale when read through the CBC fallback.
+fn read_by_kms_v1(
+    i: usize,
+    cfg: &KmsConfig,
+    mut stale: Vec<StaleReason>,
+    value: &[u8],
+    mode: &Mode<'_>,
+    attempts: &mut Vec<FailedAttempt>,
+) -> Option<Found> {
+    let payload = prefix::strip(value, ProviderKind::KmsV1, &cfg.name)?;
+    let reader = Reader {
+        provider_index: Some(i),
+        kind: ProviderKind::KmsV1,
+        name: Some(cfg.name.clone()),
+        key_index: None,
+    };
+    match read_kms_v1(&cfg.name, payload, mode) {
+        Ok((plain, cbc)) => {
+            if cbc {
+                stale.push(StaleReason::KmsV1CbcFallback);
+            }
+            Some((
+                Read {
+                    reader,
+                    stale_reasons: stale,
+                    kms_write_state_unknown: false,
+                },
+                plain,
+            ))
+        }
+        Err(error) => {
+            attempts.push(FailedAttempt { reader, error });
+            None
+        }
+    }
+}
+
+/// KMS v2: stale when the stored keyID differs from the apiserver's current
+/// write key_id, or the DEK source type is the legacy one.
+fn read_by_kms_v2(
+    i: usize,
+    cfg: &KmsConfig,
+    mut stale: Vec<StaleReason>,
+    value: &[u8],
+    kms: &dyn KmsWriteState,
+    mode: &Mode<'_>,
+    attempts: &mut Vec<FailedAttempt>,
+) -> Option<Found> {
+    let payload = prefix::strip(value, ProviderKind::KmsV2, &cfg.name)?;
+    let reader = Reader {
+        provider_index: Some(i),
+        kind: ProviderKind::KmsV2,
+        name: Some(cfg.name.clone()),
+        key_index: None,
+    };
+    match read_kms_v2(&cfg.name, payload, mode) {
+        Ok((object, plain)) => {
+            let mut unknown = false;
+            if object.encrypted_dek_source_type
+                != EncryptedDekSourceType::HkdfSha256XnonceAesGcmSeed as i32
+            {
+                stale.push(StaleReason::KmsV2LegacyDekSource);
+            }
+            match kms.current_key_id(&cfg.name) {
+                Some(current) if current != object.key_id => {
+                    stale.push(StaleReason::KmsV2KeyId {
+                        stored: object.key_id.clone(),
+                        current,
+                    });
+                }
+                Some(_) => {}
+                None => unknown = true,
+            }
+            Some((
+                Read {
+                    reader,
+                    stale_reasons: stale,
+                    kms_write_state_unknown: unknown,
+                },
+                plain,
+            ))
+        }
+        Err(error) => {
+            attempts.push(FailedAttempt { reader, error });
+            None
+        }
     }
 }
 

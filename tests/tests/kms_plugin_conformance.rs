@@ -1,5 +1,5 @@
 //! The real kms-plugin against every rule of the KMS v2 contract
-//! (shared/spec/kms-v2-api.md), over a socket file and over an abstract socket.
+//! (as `proto/kms/v2/api.proto` and the README state it), over a socket file and over an abstract socket.
 //! Each behaviour is one function below; `over_both_sockets!` makes a test of it
 //! per transport.
 

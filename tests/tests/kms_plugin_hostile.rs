@@ -96,16 +96,12 @@ async fn a_fifo_at_the_keyring_path_blocks_nothing_but_reloads() -> Result<()> {
     // files only); were a read ever stuck, it would be reported as "has not
     // finished". (Bounded as a whole: a plugin stuck on the FIFO accepts the
     // HTTP connection and never answers.)
-    let reported = eventually(
-        WAIT,
-        "/readyz to report the FIFO refused",
-        || async {
-            let r = http_get(plugin.metrics_addr(), "/readyz").await?;
-            Ok((r.status == 503
-                && (r.body.contains("not a regular file") || r.body.contains("has not finished")))
-            .then_some(r))
-        },
-    );
+    let reported = eventually(WAIT, "/readyz to report the FIFO refused", || async {
+        let r = http_get(plugin.metrics_addr(), "/readyz").await?;
+        Ok((r.status == 503
+            && (r.body.contains("not a regular file") || r.body.contains("has not finished")))
+        .then_some(r))
+    });
     tokio::time::timeout(WAIT + Duration::from_secs(5), reported)
         .await
         .context("the metrics listener stopped answering")?
@@ -161,14 +157,18 @@ async fn a_huge_keyring_file_does_not_starve_calls() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Refused before it is read: larger than the 1 MiB a keyring may have.
-    eventually(WAIT, "the huge file to be refused as unreadable", || async {
-        let m = plugin.metrics().await?;
-        Ok((m.sum(
-            "atrest_kms_keyring_reloads_total",
-            &[("result", "rejected_unreadable")],
-        ) >= 1.0)
-            .then_some(()))
-    })
+    eventually(
+        WAIT,
+        "the huge file to be refused as unreadable",
+        || async {
+            let m = plugin.metrics().await?;
+            Ok((m.sum(
+                "atrest_kms_keyring_reloads_total",
+                &[("result", "rejected_unreadable")],
+            ) >= 1.0)
+                .then_some(()))
+        },
+    )
     .await
     .with_context(|| plugin.log())?;
     Ok(())

@@ -10,13 +10,12 @@ use clap::Parser as _;
 fn main() -> ExitCode {
     let args = Args::parse();
     // Progress goes to stderr; the table alone goes to stdout.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATREST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    cli_kit::logging::init(cli_kit::logging::LogSettings {
+        name: "kms-loadgen",
+        version: env!("CARGO_PKG_VERSION"),
+        format: cli_kit::logging::LogFormat::Plain,
+        default_filter: "info",
+    });
     let config = match Config::try_from(args) {
         Ok(config) => config,
         Err(e) => {
@@ -39,7 +38,7 @@ fn main_inner(config: Config) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the tokio runtime")?;
     let report = runtime.block_on(run(config))?;
-    print!("{}", report.to_markdown());
+    cli_kit::output::print(&report.to_markdown()).context("cannot write the table")?;
     let failures = report.failure_summary();
     if failures.is_empty() {
         return Ok(ExitCode::SUCCESS);

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use cli_kit::duration::at_least;
 
 use super::load::Method;
 use kms_client::{Endpoint, EndpointError};
@@ -39,12 +40,12 @@ pub struct Args {
     #[arg(long, value_name = "PID", requires = "listen")]
     pub plugin_pid: Option<u32>,
 
-    /// Measured time per cell (method × callers), e.g. `3s`, `500ms`.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    /// Measured time per cell (method × callers), e.g. `3s`, `500ms` (at least 10ms).
+    #[arg(long, default_value = "3s", value_parser = at_least(Duration::from_millis(10)))]
     pub duration: Duration,
 
-    /// Unmeasured warm-up before each cell.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    /// Unmeasured warm-up before each cell (`0` for none).
+    #[arg(long, default_value = "500ms", value_parser = at_least(Duration::ZERO))]
     pub warmup: Duration,
 
     /// Upper bound on measured calls per cell (the cell ends at this count or at --duration).
@@ -76,12 +77,12 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     pub plaintext_size: usize,
 
-    /// Per-call deadline, like kube-apiserver's per-provider `timeout`.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    /// Per-call deadline, like kube-apiserver's per-provider `timeout` (at least 10ms).
+    #[arg(long, default_value = "3s", value_parser = at_least(Duration::from_millis(10)))]
     pub call_timeout: Duration,
 
-    /// How long to wait for a started plugin to report healthy.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    /// How long to wait for a started plugin to report healthy (at least 100ms).
+    #[arg(long, default_value = "15s", value_parser = at_least(Duration::from_millis(100)))]
     pub startup_timeout: Duration,
 }
 
@@ -250,27 +251,6 @@ fn plugin_beside(loadgen: &Path) -> Result<PathBuf, ConfigError> {
     })
 }
 
-/// Parses `250ms`, `3s`, `1m` (a whole number and a unit).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 3s or 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{text:?} is too long")),
-        _ => Err(format!("{text:?}: unit must be ms, s or m")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,12 +262,22 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "3", "s", "3h", "-1s", "1.5s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+    fn durations_use_the_shared_grammar_with_minimums() {
+        assert_eq!(
+            args(&["--duration", "1.5s"]).duration,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(args(&["--warmup", "0"]).warmup, Duration::ZERO);
+        for bad in [
+            &["--duration", "1ns"][..],
+            &["--duration", "3"],
+            &["--call-timeout", "1us"],
+            &["--startup-timeout", "1ms"],
+        ] {
+            let mut argv = vec!["kms-loadgen"];
+            argv.extend_from_slice(bad);
+            let e = Args::try_parse_from(argv).unwrap_err();
+            assert!(e.to_string().contains(bad[0]), "{bad:?}: {e}");
         }
     }
 
@@ -341,10 +331,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_flag() {
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 4] = [
             (&["--callers", "1,0"], "--callers"),
             (&["--plaintext-size", "0"], "--plaintext-size"),
-            (&["--duration", "0s"], "--duration"),
             (&["--max-calls", "0"], "--max-calls"),
             (&["--burst-callers", "0"], "--burst-callers"),
         ];

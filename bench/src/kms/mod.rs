@@ -14,7 +14,7 @@ mod report;
 mod run;
 mod targets;
 
-pub use config::{Args, Config, ConfigError, PluginSource, parse_duration};
+pub use config::{Args, Config, ConfigError, PluginSource};
 pub use cpu::{CpuError, CpuMeters, CpuSpent, ProcessCpu};
 pub use kms_client::{ConnectError, Endpoint, EndpointError};
 pub use load::{CellResult, Method};

@@ -1,8 +1,12 @@
 //! The human report: a table of resource × stored provider/key × finding
 //! with key counts, then totals and the verdict. Written at the end, from
-//! the summary only.
+//! the summary only. Every text that comes from etcd (keys, resources, key
+//! names, KMS keyIDs) is written with its control characters escaped, so a
+//! value someone wrote into etcd cannot drive the reader's terminal.
 
 use std::io::{self, Write};
+
+use cli_kit::escape::escape_control;
 
 use super::{Reporter, ScanMeta};
 use crate::record::{Finding, Record};
@@ -37,9 +41,9 @@ impl<W: Write> Reporter for TableReporter<W> {
                 out,
                 "{} keys under {} at revision {}, audited against {}{}",
                 summary.total(),
-                meta.prefix,
+                escape_control(&meta.prefix),
                 meta.revision,
-                c,
+                escape_control(c),
                 if meta.decrypt_check {
                     " (with decrypt check)"
                 } else {
@@ -50,7 +54,7 @@ impl<W: Write> Reporter for TableReporter<W> {
                 out,
                 "{} keys under {} at revision {} (no --config: classified, not audited)",
                 summary.total(),
-                meta.prefix,
+                escape_control(&meta.prefix),
                 meta.revision
             )?,
         }
@@ -68,14 +72,18 @@ impl<W: Write> Reporter for TableReporter<W> {
             "KEYS",
         ];
         let mut rows: Vec<[String; 6]> = Vec::new();
+        let esc = |text: &str| escape_control(text).into_owned();
         for (k, s) in summary.rows() {
             rows.push([
-                k.resource.clone().unwrap_or_else(|| "(no resource)".into()),
-                k.actual.label(),
-                k.key_id.clone().unwrap_or_else(|| "-".into()),
+                k.resource
+                    .as_deref()
+                    .map(esc)
+                    .unwrap_or_else(|| "(no resource)".into()),
+                esc(&k.actual.label()),
+                k.key_id.as_deref().map(esc).unwrap_or_else(|| "-".into()),
                 k.expected
                     .as_ref()
-                    .map(|e| e.label())
+                    .map(|e| esc(&e.label()))
                     .unwrap_or_else(|| "-".into()),
                 k.finding
                     .map(|f| f.as_str().to_owned())
@@ -130,7 +138,7 @@ impl<W: Write> Reporter for TableReporter<W> {
             for (k, s) in summary.rows() {
                 if let Some(f) = k.finding.filter(|f| meta.fail_on.contains(f)) {
                     for key in &s.sample_keys {
-                        writeln!(out, "  {f}: {key}")?;
+                        writeln!(out, "  {f}: {}", escape_control(key))?;
                     }
                     if s.count > s.sample_keys.len() as u64 {
                         writeln!(

@@ -1,14 +1,41 @@
-//! Go `time.Duration` strings (`3s`, `1m30s`, `500ms`), the form the kms
-//! `timeout` field uses.
+//! Go `time.Duration` strings (`3s`, `1m30s`, `500ms`, `1.5s`, `2h`), the
+//! form the kms `timeout` field uses, and the one duration grammar of every
+//! atrest command-line flag (through `cli-kit`).
 
 use std::time::Duration;
 
-/// Parses a Go duration string. Negative durations are reported as `Err` with
-/// a message naming the problem (a KMS timeout must be positive anyway).
-pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, String> {
+/// Why a duration string was refused. The messages never quote the text: it
+/// may come from a file that also holds keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Nothing but whitespace.
+    #[error("empty duration")]
+    Empty,
+    /// Not a sequence of numbers with units.
+    #[error("invalid duration: expected numbers with units, e.g. 3s, 1m30s, 500ms")]
+    Invalid,
+    /// A number without a unit (only `0` may go without one).
+    #[error("missing unit in duration (ns, us, ms, s, m or h)")]
+    MissingUnit,
+    /// A unit Go does not know.
+    #[error("unknown unit in duration (use ns, us, ms, s, m or h)")]
+    UnknownUnit,
+    /// More than Go's `time.Duration` holds (about 292 years).
+    #[error("duration out of range")]
+    OutOfRange,
+    /// Below zero.
+    #[error("duration is negative")]
+    Negative,
+}
+
+/// Parses a Go duration string (`time.ParseDuration`): numbers (with an
+/// optional fraction) each followed by a unit `ns`, `us`/`µs`, `ms`, `s`, `m`
+/// or `h`, e.g. `1m30s`, `1.5s`; a bare `0` is zero. Negative durations are
+/// refused (a KMS timeout or a flag interval is never negative).
+pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
     let s = text.trim();
     if s.is_empty() {
-        return Err("empty duration".into());
+        return Err(DurationError::Empty);
     }
     let (negative, mut rest) = match s.strip_prefix('-') {
         Some(r) => (true, r),
@@ -18,7 +45,7 @@ pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     if rest.is_empty() {
-        return Err(format!("invalid duration {s:?}"));
+        return Err(DurationError::Invalid);
     }
     let mut total_nanos: u128 = 0;
     while !rest.is_empty() {
@@ -27,7 +54,7 @@ pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, String> {
             .unwrap_or(rest.len());
         let (number, after) = rest.split_at(num_end);
         if number.is_empty() || number == "." {
-            return Err(format!("invalid duration {s:?}"));
+            return Err(DurationError::Invalid);
         }
         let unit_end = after
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -40,23 +67,19 @@ pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, String> {
             "s" => 1_000_000_000,
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
-            "" => return Err(format!("missing unit in duration {s:?}")),
-            other => return Err(format!("unknown unit {other:?} in duration {s:?}")),
+            "" => return Err(DurationError::MissingUnit),
+            _ => return Err(DurationError::UnknownUnit),
         };
         let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
         let whole: u128 = if whole.is_empty() {
             0
         } else {
-            whole
-                .parse()
-                .map_err(|_| format!("invalid duration {s:?}"))?
+            whole.parse().map_err(|_| DurationError::Invalid)?
         };
         let mut frac_nanos: u128 = 0;
         let mut scale: u128 = 1;
         for c in frac.chars() {
-            let digit = c
-                .to_digit(10)
-                .ok_or_else(|| format!("invalid duration {s:?}"))?;
+            let digit = c.to_digit(10).ok_or(DurationError::Invalid)?;
             if scale < 1_000_000_000_000_000_000 {
                 frac_nanos = frac_nanos * 10 + u128::from(digit);
                 scale *= 10;
@@ -67,11 +90,11 @@ pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, String> {
             .and_then(|w| w.checked_add(frac_nanos * unit_nanos / scale))
             .and_then(|w| total_nanos.checked_add(w))
             .filter(|n| *n <= i64::MAX as u128)
-            .ok_or_else(|| format!("duration {s:?} is out of range"))?;
+            .ok_or(DurationError::OutOfRange)?;
         rest = next;
     }
     if negative && total_nanos > 0 {
-        return Err(format!("duration {s:?} is negative"));
+        return Err(DurationError::Negative);
     }
     let secs = (total_nanos / 1_000_000_000) as u64;
     let nanos = (total_nanos % 1_000_000_000) as u32;
@@ -79,7 +102,7 @@ pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Formats like Go's `Duration.String()`: `3s`, `1m30s`, `1h0m0s`, `500ms`.
-pub(crate) fn format_go_duration(d: Duration) -> String {
+pub fn format_go_duration(d: Duration) -> String {
     let nanos = d.as_nanos();
     if nanos == 0 {
         return "0s".into();

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+pub use duration::{DurationError, format_go_duration, parse_go_duration};
 pub use matching::{MatchRule, ProviderMatch};
+pub use parse::redact_parser_message;
 
 use crate::secret::SecretBytes;
 

@@ -79,7 +79,7 @@ pub(super) fn parse(text: &str) -> Result<EncryptionConfiguration, ConfigError> 
     let options = serde_saphyr::options! { with_snippet: false };
     let raw: RawConfig =
         serde_saphyr::from_str_with_options(text, options).map_err(|e| ConfigError::Yaml {
-            message: redact_quoted(&e.without_snippet().to_string()),
+            message: redact_parser_message(&e.without_snippet().to_string()),
         })?;
     let mut errors = Vec::new();
 
@@ -96,21 +96,19 @@ pub(super) fn parse(text: &str) -> Result<EncryptionConfiguration, ConfigError> 
             errors.push(err("kind", "required: EncryptionConfiguration"));
             ConfigApiVersion::V1
         }
-        (Some(v), Some(k)) => {
+        (Some(v), Some(_)) => {
             let (field, msg) = match v {
-                "apiserver.config.k8s.io/v1" => {
-                    ("kind", format!("{k:?} is not EncryptionConfiguration"))
-                }
+                "apiserver.config.k8s.io/v1" => ("kind", "must be EncryptionConfiguration"),
                 "v1" => (
                     "kind",
-                    format!("{k:?} is not EncryptionConfig (legacy apiVersion v1)"),
+                    "must be EncryptionConfig (with the legacy apiVersion v1)",
                 ),
-                other => (
+                _ => (
                     "apiVersion",
-                    format!("{other:?} is not supported: use apiserver.config.k8s.io/v1"),
+                    "not supported: use apiserver.config.k8s.io/v1",
                 ),
             };
-            errors.push(err(field, &msg));
+            errors.push(err(field, msg));
             ConfigApiVersion::V1
         }
     };
@@ -232,10 +230,10 @@ fn convert_kms(raw: RawKms, path: &str, errors: &mut Vec<FieldError>) -> Option<
     let api_version = match raw.api_version.as_deref() {
         None | Some("v1") => KmsApiVersion::V1,
         Some("v2") => KmsApiVersion::V2,
-        Some(other) => {
+        Some(_) => {
             errors.push(err(
                 &format!("{path}.apiVersion"),
-                &format!("unsupported KMS API version {other:?}: use v2 (or v1, deprecated)"),
+                "unsupported KMS API version: use v2 (or v1, deprecated)",
             ));
             return None;
         }
@@ -269,23 +267,31 @@ fn err(field: &str, message: &str) -> FieldError {
     }
 }
 
-/// Replaces the content of every `"..."` in a parser message: serde's
-/// "invalid type: string \"...\"" would otherwise echo a value, which may be a key.
-pub(super) fn redact_quoted(message: &str) -> String {
+/// Replaces the content of every `"..."` and `` `...` `` in a YAML/serde
+/// parser message with `<redacted>`: serde's `invalid type: string "..."` would
+/// echo a value, and `` unknown field `...` `` the name of a field as written,
+/// which is a key when someone typed `secret:KEY` without a space. The line and
+/// column stay, so the message still says where to look. Use it on every parser
+/// message about a file that may hold secrets.
+pub fn redact_parser_message(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut inside = false;
+    let mut open: Option<char> = None;
     for c in message.chars() {
-        if c == '"' {
-            if inside {
-                out.push_str("<redacted>");
+        match open {
+            None if c == '"' || c == '`' => {
+                open = Some(c);
+                out.push(c);
             }
-            inside = !inside;
-            out.push(c);
-        } else if !inside {
-            out.push(c);
+            None => out.push(c),
+            Some(q) if c == q => {
+                out.push_str("<redacted>");
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
         }
     }
-    if inside {
+    if open.is_some() {
         out.push_str("<redacted>");
     }
     out

@@ -113,6 +113,6 @@ pub(super) fn render(config: &EncryptionConfiguration) -> Result<Zeroizing<Strin
     };
     let mut text = Zeroizing::new(String::new());
     serde_saphyr::to_fmt_writer(&mut *text, &out)
-        .map_err(|e| ConfigError::Render(super::parse::redact_quoted(&e.to_string())))?;
+        .map_err(|e| ConfigError::Render(super::parse::redact_parser_message(&e.to_string())))?;
     Ok(text)
 }

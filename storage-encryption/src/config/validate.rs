@@ -1,7 +1,7 @@
 //! The load-time rules of kube-apiserver (validation of the file, then the
 //! masking check it does while building transformers), on the model.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     EncryptionConfiguration, FieldError, KeysConfig, KmsApiVersion, KmsConfig, ProviderConfig,
@@ -64,25 +64,29 @@ fn validate_resource_names(names: &[String], path: &str, errors: &mut Vec<FieldE
         let problem = if name.is_empty() {
             Some("resource name must not be empty".to_string())
         } else if name.chars().any(|c| c.is_uppercase()) {
-            Some(format!("resource name {name:?} must be lowercase"))
+            Some("resource name must be lowercase".to_string())
         } else if name == "*" {
             Some("'*' is not allowed: use '*.' for every resource of the core group or '*.*' for all resources".into())
         } else if name != "*.*" && gr.group == "*" {
-            Some(format!(
-                "{name:?}: the form '<resource>.*' is not allowed: name the group, or use '*.*' for all resources"
-            ))
+            Some(
+                "the form '<resource>.*' is not allowed: name the group, or use '*.*' for all resources"
+                    .to_string(),
+            )
         } else if gr.group == "events.k8s.io" {
-            Some(format!(
-                "{name:?}: the events.k8s.io group is not allowed: use 'events' (core), which stores the same objects"
-            ))
+            Some(
+                "the events.k8s.io group is not allowed: use 'events' (core), which stores the same objects"
+                    .to_string(),
+            )
         } else if gr.group == "extensions" {
-            Some(format!(
-                "{name:?}: the extensions group is not allowed: use the resource's current group (e.g. ingresses.networking.k8s.io)"
-            ))
+            Some(
+                "the extensions group is not allowed: use the resource's current group (e.g. ingresses.networking.k8s.io)"
+                    .to_string(),
+            )
         } else if gr.group.is_empty() && NON_REST_RESOURCES.contains(&gr.resource.as_str()) {
-            Some(format!(
-                "{name:?} is not a REST resource and cannot be configured for encryption"
-            ))
+            Some(
+                "not a REST resource (e.g. serviceips, servicenodeports): it cannot be configured for encryption"
+                    .to_string(),
+            )
         } else {
             None
         };
@@ -162,14 +166,14 @@ fn validate_kms(
         if kms.api_version == KmsApiVersion::V2 && kms.name.contains(':') {
             errors.push(err(
                 &name_field,
-                &format!("KMS v2 provider name {:?} must not contain ':'", kms.name),
+                "a KMS v2 provider name must not contain ':'",
             ));
         }
         // kube-apiserver: v2 names are unique across all kms providers (v1 names only on reload).
         if kms.api_version == KmsApiVersion::V2 && names.contains(&kms.name) {
             errors.push(err(
                 &name_field,
-                &format!("duplicate KMS provider name {:?}: KMS v2 names must be unique across all kms providers", kms.name),
+                "duplicate KMS provider name: KMS v2 names must be unique across all kms providers",
             ));
         }
         names.insert(kms.name.clone());
@@ -184,13 +188,13 @@ fn validate_kms(
         match kms.endpoint.split_once("://") {
             Some(("unix", rest)) if !rest.is_empty() => {}
             Some(("unix", _)) => errors.push(err(&endpoint_field, "unix endpoint has no path")),
-            Some((scheme, _)) => errors.push(err(
+            Some(_) => errors.push(err(
                 &endpoint_field,
-                &format!("unsupported scheme {scheme:?} for KMS provider: only unix is supported (unix:///path)"),
+                "unsupported scheme for a KMS provider: only unix is supported (unix:///path)",
             )),
             None => errors.push(err(
                 &endpoint_field,
-                &format!("{:?} is not a URL: use unix:///path/to/socket", kms.endpoint),
+                "not a URL: use unix:///path/to/socket",
             )),
         }
     }
@@ -219,20 +223,19 @@ fn validate_kms(
 /// kube-apiserver builds a map from group/resource to transformers in file order and
 /// refuses any resource an earlier `*.<group>` or `*.*` already covers.
 fn check_masking(config: &EncryptionConfiguration, errors: &mut Vec<FieldError>) {
-    let mut seen: BTreeSet<GroupResource> = BTreeSet::new();
+    // Every rule seen so far, with where it was written.
+    let mut seen: BTreeMap<GroupResource, String> = BTreeMap::new();
     for (i, entry) in config.resources.iter().enumerate() {
         for (j, name) in entry.resources.iter().enumerate() {
             let gr = GroupResource::parse(name);
             let group_wildcard = GroupResource::new(gr.group.clone(), "*");
             let any = GroupResource::new("*", "*");
             for masker in [group_wildcard, any] {
-                if seen.contains(&masker) {
+                if let Some(at) = seen.get(&masker) {
                     errors.push(err(
                         &format!("resources[{i}].resources[{j}]"),
                         &format!(
-                            "resource {:?} is masked by earlier rule {:?}: move it to an entry before the wildcard",
-                            gr.config_name(),
-                            masker.config_name()
+                            "masked by the earlier wildcard rule {at}: move it to an entry before the wildcard"
                         ),
                     ));
                     break;
@@ -241,8 +244,9 @@ fn check_masking(config: &EncryptionConfiguration, errors: &mut Vec<FieldError>)
         }
         // Insert after the whole entry: names in one list do not mask each other
         // (overlaps inside a list are a separate error).
-        for name in &entry.resources {
-            seen.insert(GroupResource::parse(name));
+        for (j, name) in entry.resources.iter().enumerate() {
+            seen.entry(GroupResource::parse(name))
+                .or_insert_with(|| format!("resources[{i}].resources[{j}]"));
         }
     }
 }

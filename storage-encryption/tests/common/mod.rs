@@ -1,5 +1,5 @@
-//! Shared helpers: the known-answer vectors in `shared/vectors/` and the test
-//! KMS plugin's seed format described in its README.
+//! Shared helpers: the known-answer vectors in `testdata/vectors/` (in this
+//! repository) and the test KMS plugin's seed format described in its README.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -9,12 +9,12 @@ use base64::engine::general_purpose::STANDARD;
 use storage_encryption::format::aesgcm;
 use storage_encryption::{KmsError, KmsSeeds, KmsV2SeedRequest, Seed};
 
-/// `shared/vectors/`, beside the repository clone (CI) or the workspace (here).
+/// `testdata/vectors/` at the workspace root.
 pub fn vectors_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors"));
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/vectors"));
     assert!(
         dir.join("apiserver-written.json").is_file(),
-        "known-answer vectors missing: expected {} (shared/ must sit beside the repository clone)",
+        "known-answer vectors missing: expected {}",
         dir.join("apiserver-written.json").display()
     );
     dir
