@@ -17,7 +17,8 @@ pub const EXIT_CODES: &str = "\
 Exit codes:
   0  clean: no finding in --fail-on
   1  findings: at least one key has a finding in --fail-on
-  2  usage, config, connection or KMS plugin error (nothing was judged)
+  2  usage, config, connection or KMS plugin error, or an audit that judged no value
+     (an empty prefix, or no key mapped to a resource): nothing was judged
 
 Findings (with --config):
   ok              stored as the first provider (and its first key) of the matching entry
@@ -27,6 +28,7 @@ Findings (with --config):
   unreadable      provider or key not in the config at all: data at risk
   undecodable     garbage, truncated, or an invalid encrypted envelope
   decrypt-failed  --decrypt-check could not decrypt it with the config's keys or the plugin
+  unmapped        the key maps to no resource below --etcd-prefix: not judged (fail closed)
 
 --output json writes one JSON document, streamed while scanning:
   {\"prefix\":..,\"revision\":..,\"records\":[{\"key\":..,\"resource\":..,\"namespace\":..,\"name\":..,
@@ -78,9 +80,10 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub command_timeout: Duration,
 
-    /// kube-apiserver's --etcd-prefix: keys are mapped to resources below it.
-    #[arg(long, value_name = "PREFIX", default_value = "/registry")]
-    pub etcd_prefix: String,
+    /// kube-apiserver's --etcd-prefix: keys are mapped to resources below it
+    /// [default: /registry; a --prefix outside it]
+    #[arg(long, value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
 
     /// Key prefix to scan [default: the --etcd-prefix].
     #[arg(long, value_name = "PREFIX")]
@@ -110,7 +113,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "FINDINGS",
-        default_value = "plaintext,unreadable,undecodable,decrypt-failed"
+        default_value = "plaintext,unreadable,undecodable,decrypt-failed,unmapped"
     )]
     pub fail_on: String,
 
@@ -124,8 +127,12 @@ pub struct Args {
 pub struct Settings {
     /// How to reach etcd.
     pub etcd: EtcdConnection,
-    /// kube-apiserver's etcd prefix (no trailing `/`).
+    /// kube-apiserver's etcd prefix (no trailing `/`): `--etcd-prefix`, or
+    /// the first of `etcd_prefixes`.
     pub etcd_prefix: String,
+    /// The apiserver prefixes tried, in order, to map a key to a resource:
+    /// just `etcd_prefix`, or ancestors of a `--prefix` outside `/registry`.
+    pub etcd_prefixes: Vec<String>,
     /// Scan prefix.
     pub prefix: String,
     /// Keys per page.
@@ -201,17 +208,11 @@ impl TryFrom<Args> for Settings {
                 ));
             }
         }
-        let etcd_prefix = a.etcd_prefix.trim_end_matches('/').to_owned();
-        if !etcd_prefix.starts_with('/') {
-            return Err(usage(
-                "--etcd-prefix",
-                format!("{:?} must start with /", a.etcd_prefix),
-            ));
-        }
-        let prefix = a.prefix.unwrap_or_else(|| etcd_prefix.clone());
-        if prefix.is_empty() {
-            return Err(usage("--prefix", "must not be empty"));
-        }
+        let (etcd_prefixes, prefix) = resolve_prefixes(a.etcd_prefix.as_deref(), a.prefix)?;
+        let etcd_prefix = etcd_prefixes
+            .first()
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_owned());
         let fail_on = parse_fail_on(&a.fail_on).map_err(|m| usage("--fail-on", m))?;
         let kms_endpoints = parse_pairs(&a.kms_endpoint).map_err(|m| usage("--kms-endpoint", m))?;
         for (name, ep) in &kms_endpoints {
@@ -229,6 +230,7 @@ impl TryFrom<Args> for Settings {
                 command_timeout: a.command_timeout,
             },
             etcd_prefix,
+            etcd_prefixes,
             prefix,
             page_size: a.page_size,
             config: a.config,
@@ -240,6 +242,51 @@ impl TryFrom<Args> for Settings {
             output: a.output,
         })
     }
+}
+
+/// kube-apiserver's default `--etcd-prefix`.
+pub const DEFAULT_ETCD_PREFIX: &str = "/registry";
+
+/// Decides the apiserver prefixes keys are mapped below, and the scan
+/// prefix. Without `--etcd-prefix`, a `--prefix` outside `/registry` says
+/// where the apiserver's prefix is (an apiserver run with
+/// `--etcd-prefix=/wild` stores `/wild/secrets/...`): each of its ancestors,
+/// shortest first, is tried per key (`/wild/secrets/ns1` → `/wild`,
+/// `/wild/secrets`, `/wild/secrets/ns1`). Keys that still map to no
+/// resource become `unmapped` findings whose detail names `--etcd-prefix`.
+fn resolve_prefixes(
+    etcd_prefix: Option<&str>,
+    prefix: Option<String>,
+) -> Result<(Vec<String>, String), UsageError> {
+    let given = etcd_prefix.is_some();
+    let raw = etcd_prefix.unwrap_or(DEFAULT_ETCD_PREFIX);
+    let etcd_prefix = raw.trim_end_matches('/').to_owned();
+    if !etcd_prefix.starts_with('/') {
+        return Err(usage("--etcd-prefix", format!("{raw:?} must start with /")));
+    }
+    let Some(prefix) = prefix else {
+        return Ok((vec![etcd_prefix.clone()], etcd_prefix));
+    };
+    if prefix.is_empty() {
+        return Err(usage("--prefix", "must not be empty"));
+    }
+    let under = prefix == etcd_prefix || prefix.starts_with(&format!("{etcd_prefix}/"));
+    if given || under || !prefix.starts_with('/') {
+        return Ok((vec![etcd_prefix], prefix));
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    let ancestors: Vec<String> = trimmed
+        .match_indices('/')
+        .map(|(i, _)| &trimmed[..i])
+        .filter(|a| !a.is_empty())
+        .chain(std::iter::once(trimmed))
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ancestors.is_empty() {
+        return Ok((vec![etcd_prefix], prefix));
+    }
+    Ok((ancestors, prefix))
 }
 
 /// Parses `--fail-on`: comma-separated finding names, or `none`.
@@ -315,6 +362,35 @@ mod tests {
         assert_eq!(s.etcd_prefix, "/registry");
         assert_eq!(s.output, OutputFormat::Table);
         assert_eq!(s.fail_on, Finding::DEFAULT_FAIL_ON.into_iter().collect());
+    }
+
+    #[test]
+    fn prefix_outside_registry_becomes_the_apiserver_prefix() {
+        let s = parse(&["--prefix", "/wild"]).unwrap();
+        assert_eq!(
+            (s.prefix.as_str(), s.etcd_prefix.as_str()),
+            ("/wild", "/wild")
+        );
+        assert_eq!(s.etcd_prefixes, ["/wild"]);
+        let s = parse(&["--prefix", "/wild/secrets/ns1/"]).unwrap();
+        assert_eq!(
+            s.etcd_prefixes,
+            ["/wild", "/wild/secrets", "/wild/secrets/ns1"]
+        );
+        let s = parse(&["--prefix", "/registry/secrets/"]).unwrap();
+        assert_eq!(s.etcd_prefixes, ["/registry"]);
+        // An explicit --etcd-prefix always wins.
+        let s = parse(&["--prefix", "/wild", "--etcd-prefix", "/registry"]).unwrap();
+        assert_eq!(s.etcd_prefixes, ["/registry"]);
+        let s = parse(&["--etcd-prefix", "/wild/"]).unwrap();
+        assert_eq!(
+            (s.prefix.as_str(), s.etcd_prefix.as_str()),
+            ("/wild", "/wild")
+        );
+        let s = parse(&["--prefix", "/"]).unwrap();
+        assert_eq!(s.etcd_prefixes, ["/registry"]);
+        assert!(parse(&["--prefix", ""]).is_err());
+        assert!(parse(&["--etcd-prefix", "wild"]).is_err());
     }
 
     #[test]

@@ -36,7 +36,12 @@ fn main() -> ExitCode {
     };
     let stdout = std::io::stdout();
     match runtime.block_on(etcd_inspect::run(&settings, stdout.lock())) {
-        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Ok(outcome) => {
+            if let Some(why) = outcome.nothing_judged() {
+                eprintln!("etcd-inspect: {why}");
+            }
+            ExitCode::from(outcome.exit_code())
+        }
         Err(e) => {
             // Every error's message already includes its cause.
             eprintln!("etcd-inspect: {e}");

@@ -59,9 +59,22 @@ impl Outcome {
         self.summary.failing(&self.meta.fail_on)
     }
 
-    /// 0 when nothing in `--fail-on` was found, else 1.
+    /// Why this scan proves nothing, when it does not (see
+    /// [`crate::report::nothing_judged`]).
+    pub fn nothing_judged(&self) -> Option<String> {
+        crate::report::nothing_judged(&self.meta, &self.summary)
+    }
+
+    /// 2 when nothing was judged (fail closed), else 1 when something in
+    /// `--fail-on` was found, else 0.
     pub fn exit_code(&self) -> u8 {
-        if self.failing() > 0 { 1 } else { 0 }
+        if self.nothing_judged().is_some() {
+            2
+        } else if self.failing() > 0 {
+            1
+        } else {
+            0
+        }
     }
 }
 
@@ -122,6 +135,7 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
         if meta.is_none() {
             let m = ScanMeta {
                 prefix: settings.prefix.clone(),
+                etcd_prefix: settings.etcd_prefix.clone(),
                 revision: page.revision,
                 config: settings.config.as_ref().map(|p| p.display().to_string()),
                 fail_on: settings.fail_on.clone(),

@@ -46,6 +46,7 @@ impl<W: Write> Reporter for JsonReporter<W> {
     fn begin(&mut self, meta: &ScanMeta) -> io::Result<()> {
         let head = json!({
             "prefix": meta.prefix,
+            "etcd_prefix": meta.etcd_prefix,
             "revision": meta.revision,
             "config": meta.config,
             "decrypt_check": meta.decrypt_check,
@@ -81,10 +82,12 @@ impl<W: Write> Reporter for JsonReporter<W> {
             .collect();
         let s = json!({
             "keys": summary.total(),
+            "judged": summary.judged(),
             "findings": findings,
             "fail_on": meta.fail_on.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
             "failing": summary.failing(&meta.fail_on),
             "result": result_word(meta, summary),
+            "error": super::nothing_judged(meta, summary),
             "rows": rows,
         });
         write!(self.out, "\n],\n\"summary\":")?;

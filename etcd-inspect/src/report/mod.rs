@@ -25,6 +25,8 @@ use crate::summary::Summary;
 pub struct ScanMeta {
     /// The scanned key prefix.
     pub prefix: String,
+    /// kube-apiserver's `--etcd-prefix` keys were mapped below.
+    pub etcd_prefix: String,
     /// The etcd revision the whole scan read.
     pub revision: i64,
     /// The config path given with `--config`, if any.
@@ -52,9 +54,32 @@ pub trait Reporter {
     fn finish(&mut self, meta: &ScanMeta, summary: &Summary) -> io::Result<()>;
 }
 
-/// `pass` or `fail` for the summary's failing count.
+/// Why a completed scan proves nothing (exit 2), if it does not: no key
+/// under the prefix, or an audit in which no key mapped to a resource.
+pub fn nothing_judged(meta: &ScanMeta, summary: &Summary) -> Option<String> {
+    if summary.total() == 0 {
+        return Some(format!(
+            "no key under {} at revision {}: nothing was judged (check --prefix and --endpoints)",
+            meta.prefix, meta.revision
+        ));
+    }
+    if meta.audited() && summary.judged() == 0 {
+        return Some(format!(
+            "none of the {} keys under {} maps to a resource below --etcd-prefix {}: nothing was judged; \
+             give kube-apiserver's --etcd-prefix with --etcd-prefix",
+            summary.total(),
+            meta.prefix,
+            meta.etcd_prefix
+        ));
+    }
+    None
+}
+
+/// `pass`, `fail`, or `error` when nothing was judged ([`nothing_judged`]).
 pub fn result_word(meta: &ScanMeta, summary: &Summary) -> &'static str {
-    if summary.failing(&meta.fail_on) > 0 {
+    if nothing_judged(meta, summary).is_some() {
+        "error"
+    } else if summary.failing(&meta.fail_on) > 0 {
         "fail"
     } else {
         "pass"

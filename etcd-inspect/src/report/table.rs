@@ -55,7 +55,10 @@ impl<W: Write> Reporter for TableReporter<W> {
             )?,
         }
         if summary.total() == 0 {
-            return writeln!(out, "\nresult: PASS (nothing to audit)");
+            if let Some(why) = super::nothing_judged(meta, summary) {
+                writeln!(out, "\nresult: ERROR ({why})")?;
+            }
+            return out.flush();
         }
         writeln!(out)?;
 
@@ -113,6 +116,7 @@ impl<W: Write> Reporter for TableReporter<W> {
                 .collect();
             writeln!(out, "findings: {}", counts.join(", "))?;
         }
+        let nothing_judged = super::nothing_judged(meta, summary);
         let failing = summary.failing(&meta.fail_on);
         let fail_on: Vec<&str> = meta.fail_on.iter().map(|f| f.as_str()).collect();
         let fail_on = if fail_on.is_empty() {
@@ -141,12 +145,15 @@ impl<W: Write> Reporter for TableReporter<W> {
                     }
                 }
             }
-        } else {
+        } else if nothing_judged.is_none() {
             writeln!(
                 out,
                 "result: PASS (no finding in --fail-on {})",
                 fail_on.join(",")
             )?;
+        }
+        if let Some(why) = nothing_judged {
+            writeln!(out, "result: ERROR ({why})")?;
         }
         out.flush()
     }
