@@ -6,10 +6,11 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use crate::audit::{Auditor, AuditorError};
-use crate::cli::{OutputFormat, Settings};
-use crate::etcd::{EtcdError, Scan};
+use crate::cli::{OutputFormat, Settings, Source};
+use crate::etcd::{EtcdError, Page, Scan};
 use crate::progress::Progress;
 use crate::report::{JsonReporter, JunitReporter, Reporter, ScanMeta, TableReporter};
+use crate::snapshot::SnapshotScan;
 use crate::summary::Summary;
 
 /// Why a run could not judge anything (exit code 2).
@@ -39,6 +40,9 @@ pub enum RunError {
     /// etcd failed.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    /// The snapshot file cannot be read (names the file and what is wrong).
+    #[error("snapshot {0}")]
+    Snapshot(#[from] etcd_snapshot::SnapshotError),
     /// Writing the report failed.
     #[error("cannot write the report: {0}")]
     Output(#[from] std::io::Error),
@@ -78,6 +82,22 @@ impl Outcome {
     }
 }
 
+/// Where pages come from: the live scan or a snapshot file. Both yield the
+/// same pages (key order, one revision), judged by the same code.
+enum Pages {
+    Live(Scan),
+    File(SnapshotScan),
+}
+
+impl Pages {
+    async fn next_page(&mut self) -> Option<Result<Page, RunError>> {
+        match self {
+            Pages::Live(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
+            Pages::File(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
+        }
+    }
+}
+
 /// Loads and validates `--config`.
 pub fn load_config(
     path: &PathBuf,
@@ -106,13 +126,22 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     let config = settings.config.as_ref().map(load_config).transpose()?;
     let mut auditor = Auditor::prepare(config, settings).await?;
 
-    let kv = settings.etcd.kv_client().await?;
-    let mut scan = Scan::start(
-        kv,
-        settings.etcd.endpoints_display(),
-        settings.prefix.as_bytes().to_vec(),
-        settings.page_size,
-    );
+    let mut pages = match &settings.source {
+        Source::Live => {
+            let kv = settings.etcd.kv_client().await?;
+            Pages::Live(Scan::start(
+                kv,
+                settings.etcd.endpoints_display(),
+                settings.prefix.as_bytes().to_vec(),
+                settings.page_size,
+            ))
+        }
+        Source::Snapshot(path) => Pages::File(SnapshotScan::start(
+            path.clone(),
+            settings.prefix.as_bytes().to_vec(),
+            usize::try_from(settings.page_size).unwrap_or(1),
+        )),
+    };
 
     let out = BufWriter::with_capacity(64 * 1024, out);
     let mut reporter: Box<dyn Reporter> = match settings.output {
@@ -124,17 +153,21 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     let mut summary = Summary::default();
     let mut meta: Option<ScanMeta> = None;
 
-    while let Some(page) = scan.next_page().await {
+    while let Some(page) = pages.next_page().await {
         let page = match page {
             Ok(p) => p,
             Err(e) => {
                 progress.finish();
-                return Err(e.into());
+                return Err(e);
             }
         };
         if meta.is_none() {
             let m = ScanMeta {
                 prefix: settings.prefix.clone(),
+                snapshot: match &settings.source {
+                    Source::Live => None,
+                    Source::Snapshot(p) => Some(p.display().to_string()),
+                },
                 etcd_prefix: settings.etcd_prefix.clone(),
                 revision: page.revision,
                 config: settings.config.as_ref().map(|p| p.display().to_string()),

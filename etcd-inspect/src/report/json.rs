@@ -47,6 +47,7 @@ impl<W: Write> Reporter for JsonReporter<W> {
         let head = json!({
             "prefix": meta.prefix,
             "etcd_prefix": meta.etcd_prefix,
+            "snapshot": meta.snapshot,
             "revision": meta.revision,
             "config": meta.config,
             "decrypt_check": meta.decrypt_check,

@@ -25,6 +25,8 @@ use crate::summary::Summary;
 pub struct ScanMeta {
     /// The scanned key prefix.
     pub prefix: String,
+    /// The snapshot file read (`etcd-inspect snapshot FILE`); `None` for a live scan.
+    pub snapshot: Option<String>,
     /// kube-apiserver's `--etcd-prefix` keys were mapped below.
     pub etcd_prefix: String,
     /// The etcd revision the whole scan read.
