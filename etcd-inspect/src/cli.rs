@@ -122,6 +122,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "table", global = true)]
     pub output: OutputFormat,
 
+    /// Print only what the values need to be read back (for a backup
+    /// catalogue): provider, key name and a fingerprint of the key from
+    /// --config (never the key), KMS v2 key_ids, KMS v1 provider names.
+    /// Exit 0 when listed (2 on error or when no key is under the prefix).
+    #[arg(long, global = true)]
+    pub needs: bool,
+
     /// Audit something other than a live etcd.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -183,6 +190,8 @@ pub struct Settings {
     pub fail_on: BTreeSet<Finding>,
     /// Report format.
     pub output: OutputFormat,
+    /// `--needs`: print what the values need instead of the audit.
+    pub needs: bool,
 }
 
 /// A flag value that is wrong; names the flag.
@@ -285,6 +294,7 @@ impl TryFrom<Args> for Settings {
             decrypt_check: a.decrypt_check,
             fail_on,
             output: a.output,
+            needs: a.needs,
         })
     }
 }

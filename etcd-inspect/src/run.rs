@@ -9,7 +9,9 @@ use crate::audit::{Auditor, AuditorError};
 use crate::cli::{OutputFormat, Settings, Source};
 use crate::etcd::{EtcdError, Page, Scan};
 use crate::progress::Progress;
-use crate::report::{JsonReporter, JunitReporter, Reporter, ScanMeta, TableReporter};
+use crate::report::{
+    JsonReporter, JunitReporter, NeedsReporter, Reporter, ScanMeta, TableReporter,
+};
 use crate::snapshot::SnapshotScan;
 use crate::summary::Summary;
 
@@ -55,6 +57,8 @@ pub struct Outcome {
     pub meta: ScanMeta,
     /// Counts.
     pub summary: Summary,
+    /// `--needs` ran: the list is the result, findings do not fail.
+    pub needs_only: bool,
 }
 
 impl Outcome {
@@ -74,6 +78,8 @@ impl Outcome {
     pub fn exit_code(&self) -> u8 {
         if self.nothing_judged().is_some() {
             2
+        } else if self.needs_only {
+            0
         } else if self.failing() > 0 {
             1
         } else {
@@ -124,6 +130,8 @@ pub fn load_config(
 pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunError> {
     // Everything that can be checked offline is checked before etcd is contacted.
     let config = settings.config.as_ref().map(load_config).transpose()?;
+    // --needs fingerprints the config's keys; the auditor takes the config.
+    let needs_config = if settings.needs { config.clone() } else { None };
     let mut auditor = Auditor::prepare(config, settings).await?;
 
     let mut pages = match &settings.source {
@@ -145,6 +153,11 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
 
     let out = BufWriter::with_capacity(64 * 1024, out);
     let mut reporter: Box<dyn Reporter> = match settings.output {
+        _ if settings.needs => Box::new(NeedsReporter::new(
+            out,
+            settings.output,
+            needs_config.as_ref(),
+        )),
         OutputFormat::Table => Box::new(TableReporter::new(out)),
         OutputFormat::Json => Box::new(JsonReporter::new(out)),
         OutputFormat::Junit => Box::new(JunitReporter::new(out)),
@@ -189,5 +202,9 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     // The scan always yields at least one page (possibly empty) unless it failed.
     let meta = meta.ok_or(RunError::Etcd(EtcdError::NoHeader))?;
     reporter.finish(&meta, &summary)?;
-    Ok(Outcome { meta, summary })
+    Ok(Outcome {
+        meta,
+        summary,
+        needs_only: settings.needs,
+    })
 }

@@ -350,3 +350,170 @@ fn apiserver_vectors_snapshot_equals_live_with_both_configs() {
         assert_eq!(d["summary"]["keys"], json!(kvs.len()), "{config}");
     }
 }
+
+fn fingerprint(kind: &str, secret: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"atrest key fingerprint v1\0");
+    h.update(kind.as_bytes());
+    h.update([0]);
+    h.update(secret);
+    format!("sha256:{}", hex::encode(&h.finalize()[..16]))
+}
+
+fn needs_of(args: Vec<String>) -> Value {
+    let run = run_etcd_inspect(args);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let mut doc = run.json();
+    doc["snapshot"] = Value::Null;
+    doc
+}
+
+#[test]
+fn needs_lists_keys_key_ids_and_fingerprints_never_keys() {
+    let etcd = EtcdServer::start();
+    write_mixed(&etcd);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mixed.yaml");
+    std::fs::write(&config, mixed_config()).unwrap();
+    let snap = save(&etcd, dir.path());
+    let flags: Vec<String> = [
+        "--config",
+        &config.display().to_string(),
+        "--kms-key-id",
+        "plug=kek-new",
+        "--needs",
+        "--output",
+        "json",
+    ]
+    .map(String::from)
+    .to_vec();
+    let offline = needs_of(
+        ["snapshot".to_owned(), snap.display().to_string()]
+            .into_iter()
+            .chain(flags.clone())
+            .collect(),
+    );
+    let live = needs_of(etcd.etcdctl_args().into_iter().chain(flags).collect());
+    assert_eq!(offline, live, "--needs offline and live");
+
+    let needs = offline["needs"].as_array().unwrap();
+    let find = |provider: &str, name: &str, key_id: Option<&str>| {
+        needs
+            .iter()
+            .find(|n| {
+                n["provider"] == json!(provider)
+                    && (n["provider_name"] == json!(name) || n["key_name"] == json!(name))
+                    && n["key_id"] == json!(key_id)
+            })
+            .unwrap_or_else(|| panic!("no need {provider}/{name}/{key_id:?} in {offline}"))
+    };
+    find("kms-v2", "plug", Some("kek-new"));
+    find("kms-v2", "plug", Some("kek-old"));
+    assert_eq!(
+        find("aesgcm", "key1", None)["fingerprints"],
+        json!([fingerprint("aesgcm", &[1; 32])])
+    );
+    assert_eq!(
+        find("aesgcm", "key2", None)["fingerprints"],
+        json!([fingerprint("aesgcm", &[2; 32])])
+    );
+    assert_eq!(
+        find("secretbox", "sb", None)["fingerprints"],
+        json!([fingerprint("secretbox", &[4; 32])])
+    );
+    // A key the config does not have: needed, fingerprint unknown.
+    assert_eq!(find("aescbc", "gone", None)["fingerprints"], json!([]));
+    // Plaintext needs nothing; no key material in the output.
+    assert!(needs.iter().all(|n| n["provider"] != json!("identity")));
+    let text = offline.to_string();
+    for n in 1..=5u8 {
+        assert!(!text.contains(&b64key(n)), "key {n} printed");
+        assert!(!text.contains(&hex::encode([n; 32])), "key {n} printed");
+    }
+}
+
+#[test]
+fn a_snapshot_taken_before_a_key_rotation_needs_the_old_key() {
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let gcm = |n: u8| {
+        format!(
+            "aesgcm: {{keys: [{{name: key{n}, secret: {}}}]}}",
+            b64key(n)
+        )
+    };
+    let keys: Vec<String> = (0..20)
+        .map(|i| format!("/registry/secrets/ns/s{i}"))
+        .collect();
+    let write = |n: u8| {
+        let kvs: Vec<(String, Vec<u8>)> = keys
+            .iter()
+            .map(|k| {
+                let v = write_with(&gcm(n), k, &k8s_protobuf("v1", "Secret", b"x"));
+                (k.clone(), v)
+            })
+            .collect();
+        etcd.put_all(&kvs);
+    };
+    write(1);
+    let before = dir.path().join("before.db");
+    snapshot_kit::snapshot_save(&etcd.etcdctl_args(), &before);
+    // Rotation: key2 first, every secret rewritten.
+    write(2);
+    let after = dir.path().join("after.db");
+    snapshot_kit::snapshot_save(&etcd.etcdctl_args(), &after);
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: [secrets]\n    providers:\n      - aesgcm: {{keys: [{{name: key2, secret: {}}}, {{name: key1, secret: {}}}]}}\n",
+            b64key(2),
+            b64key(1)
+        ),
+    )
+    .unwrap();
+    let needs = |file: &Path| -> Vec<(String, u64)> {
+        needs_of(
+            [
+                "snapshot",
+                &file.display().to_string(),
+                "--config",
+                &config.display().to_string(),
+                "--needs",
+                "--output",
+                "json",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )["needs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["key_name"].as_str().unwrap().to_owned(),
+                    n["values"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(needs(&before), [("key1".to_owned(), 20)]);
+    assert_eq!(needs(&after), [("key2".to_owned(), 20)]);
+    // The table form names the key and its fingerprint.
+    let run = run_etcd_inspect([
+        "snapshot".to_owned(),
+        before.display().to_string(),
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--needs".to_owned(),
+    ]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("aesgcm")
+            && run.stdout.contains("key1")
+            && run.stdout.contains(&fingerprint("aesgcm", &[1; 32])),
+        "{}",
+        run.stdout
+    );
+}

@@ -8,6 +8,7 @@
 
 mod json;
 mod junit;
+pub mod needs;
 mod table;
 
 use std::collections::BTreeSet;
@@ -15,6 +16,7 @@ use std::io;
 
 pub use json::JsonReporter;
 pub use junit::JunitReporter;
+pub use needs::NeedsReporter;
 pub use table::TableReporter;
 
 use crate::record::{Finding, Record};
