@@ -280,6 +280,29 @@ impl Auditor {
         record
     }
 
+    /// The record of a deletion (`--all-revisions`): no value, nothing to
+    /// judge, not counted as judged.
+    pub fn tombstone(&self, key: &[u8], rev: crate::record::RevisionInfo) -> Record {
+        let mapped = self.map_key(key).ok();
+        Record {
+            key: String::from_utf8_lossy(key).into_owned(),
+            resource: mapped.as_ref().map(|m| m.group_resource.config_name()),
+            namespace: mapped.as_ref().and_then(|m| m.namespace.clone()),
+            name: mapped.map(|m| m.name),
+            actual: ProviderRef {
+                provider: None,
+                provider_name: None,
+                key_name: None,
+            },
+            key_id: None,
+            encoding: None,
+            expected: None,
+            finding: None,
+            detail: Some(format!("tombstone: deleted at revision {}", rev.revision)),
+            revision: Some(rev),
+        }
+    }
+
     /// Classification and judgement without decrypting.
     pub fn judge_value(
         &self,
@@ -305,6 +328,7 @@ impl Auditor {
             expected: None,
             finding: None,
             detail: None,
+            revision: None,
         };
         if let Some(reason) = undecodable_reason(&classification) {
             record.finding = Some(Finding::Undecodable);

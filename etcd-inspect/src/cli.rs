@@ -129,6 +129,11 @@ pub struct Args {
     #[arg(long, global = true)]
     pub needs: bool,
 
+    /// With `snapshot FILE`: judge every revision still in the file (history
+    /// since the last compaction, tombstones listed), not only the latest.
+    #[arg(long, global = true)]
+    pub all_revisions: bool,
+
     /// Audit something other than a live etcd.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -192,6 +197,8 @@ pub struct Settings {
     pub output: OutputFormat,
     /// `--needs`: print what the values need instead of the audit.
     pub needs: bool,
+    /// `--all-revisions` (snapshot only): every stored revision.
+    pub all_revisions: bool,
 }
 
 /// A flag value that is wrong; names the flag.
@@ -261,6 +268,13 @@ impl TryFrom<Args> for Settings {
                 .map_err(|e| usage("--kms-endpoint", format!("{name}: {e}")))?;
         }
         let kms_key_ids = parse_pairs(&a.kms_key_id).map_err(|m| usage("--kms-key-id", m))?;
+        if a.all_revisions && a.command.is_none() {
+            return Err(usage(
+                "--all-revisions",
+                "reads a snapshot file: etcd-inspect snapshot FILE --all-revisions \
+                 (history of a live etcd is not supported yet)",
+            ));
+        }
         let source = match a.command {
             None => Source::Live,
             Some(Command::Snapshot { file }) => {
@@ -295,6 +309,7 @@ impl TryFrom<Args> for Settings {
             fail_on,
             output: a.output,
             needs: a.needs,
+            all_revisions: a.all_revisions,
         })
     }
 }

@@ -29,5 +29,5 @@ pub mod snapshot;
 pub mod summary;
 
 pub use cli::{Args, OutputFormat, Settings};
-pub use record::{Finding, ProviderKind, ProviderRef, Record};
+pub use record::{Finding, ProviderKind, ProviderRef, Record, RevisionInfo};
 pub use run::{Outcome, RunError, run};

@@ -156,6 +156,25 @@ pub struct Record {
     pub finding: Option<Finding>,
     /// Why, in words, when the finding is not `ok` (never contains plaintext).
     pub detail: Option<String>,
+    /// Which revision this is (`snapshot FILE --all-revisions` only; absent
+    /// from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<RevisionInfo>,
+}
+
+/// One stored revision of a key (`--all-revisions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RevisionInfo {
+    /// The etcd revision that wrote (or deleted) it.
+    pub revision: i64,
+    /// Position within that revision's transaction.
+    pub sub: i64,
+    /// The key's creation revision (0 for a tombstone).
+    pub create_revision: i64,
+    /// Modifications since creation (0 for a tombstone).
+    pub version: i64,
+    /// This revision deleted the key.
+    pub tombstone: bool,
 }
 
 #[cfg(test)]

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 
 use crate::audit::{Auditor, AuditorError};
 use crate::cli::{OutputFormat, Settings, Source};
-use crate::etcd::{EtcdError, Page, Scan};
+use crate::etcd::{EtcdError, Scan};
 use crate::progress::Progress;
 use crate::report::{
     JsonReporter, JunitReporter, NeedsReporter, Reporter, ScanMeta, TableReporter,
 };
-use crate::snapshot::SnapshotScan;
+use crate::snapshot::{FileKv, FilePage, SnapshotScan, View};
 use crate::summary::Summary;
 
 /// Why a run could not judge anything (exit code 2).
@@ -96,9 +96,22 @@ enum Pages {
 }
 
 impl Pages {
-    async fn next_page(&mut self) -> Option<Result<Page, RunError>> {
+    async fn next_page(&mut self) -> Option<Result<FilePage, RunError>> {
         match self {
-            Pages::Live(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
+            Pages::Live(s) => s.next_page().await.map(|p| {
+                p.map_err(RunError::from).map(|p| FilePage {
+                    revision: p.revision,
+                    kvs: p
+                        .kvs
+                        .into_iter()
+                        .map(|kv| FileKv {
+                            key: kv.key,
+                            value: kv.value,
+                            revision: None,
+                        })
+                        .collect(),
+                })
+            }),
             Pages::File(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
         }
     }
@@ -148,6 +161,11 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
             path.clone(),
             settings.prefix.as_bytes().to_vec(),
             usize::try_from(settings.page_size).unwrap_or(1),
+            if settings.all_revisions {
+                View::AllRevisions
+            } else {
+                View::Latest
+            },
         )),
     };
 
@@ -186,13 +204,22 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
                 config: settings.config.as_ref().map(|p| p.display().to_string()),
                 fail_on: settings.fail_on.clone(),
                 decrypt_check: settings.decrypt_check,
+                all_revisions: settings.all_revisions,
             };
             reporter.begin(&m)?;
             meta = Some(m);
         }
         let n = page.kvs.len() as u64;
         for kv in page.kvs {
-            let record = auditor.audit(&kv.key, &kv.value).await;
+            let record = match kv.revision {
+                None => auditor.audit(&kv.key, &kv.value).await,
+                Some(rev) if rev.tombstone => auditor.tombstone(&kv.key, rev),
+                Some(rev) => {
+                    let mut r = auditor.audit(&kv.key, &kv.value).await;
+                    r.revision = Some(rev);
+                    r
+                }
+            };
             summary.add(&record);
             reporter.record(&record)?;
         }

@@ -52,6 +52,10 @@ impl<W: Write> Reporter for JsonReporter<W> {
             "config": meta.config,
             "decrypt_check": meta.decrypt_check,
         });
+        let mut head = head;
+        if meta.all_revisions {
+            head["all_revisions"] = json!(true);
+        }
         let head = serde_json::to_string(&head)?;
         // Re-open the object to append the streaming array.
         let head = head.strip_suffix('}').unwrap_or(&head);

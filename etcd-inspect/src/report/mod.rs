@@ -39,6 +39,8 @@ pub struct ScanMeta {
     pub fail_on: BTreeSet<Finding>,
     /// Whether `--decrypt-check` ran.
     pub decrypt_check: bool,
+    /// `--all-revisions`: records are revisions (history), not keys.
+    pub all_revisions: bool,
 }
 
 impl ScanMeta {

@@ -35,8 +35,13 @@ impl<W: Write> Reporter for TableReporter<W> {
         match &meta.config {
             Some(c) => writeln!(
                 out,
-                "{} keys under {} at revision {}, audited against {}{}",
+                "{} {} under {} at revision {}, audited against {}{}",
                 summary.total(),
+                if meta.all_revisions {
+                    "revisions"
+                } else {
+                    "keys"
+                },
                 meta.prefix,
                 meta.revision,
                 c,
@@ -154,6 +159,14 @@ impl<W: Write> Reporter for TableReporter<W> {
         }
         if let Some(why) = nothing_judged {
             writeln!(out, "result: ERROR ({why})")?;
+        }
+        if meta.all_revisions && failing > 0 {
+            writeln!(
+                out,
+                "\nOld revisions keep these values on disk and in every backup taken since: \
+                 compact (etcdctl compact), defragment every member (etcdctl defrag), \
+                 take a new backup and retire the old ones."
+            )?;
         }
         out.flush()
     }
