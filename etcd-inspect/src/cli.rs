@@ -134,6 +134,12 @@ pub struct Args {
     #[arg(long, global = true)]
     pub all_revisions: bool,
 
+    /// With `snapshot FILE`: look for unencrypted Kubernetes objects in the
+    /// file's freed and unused pages (counts, kinds and page numbers only).
+    /// Exit 1 when some are found.
+    #[arg(long, global = true)]
+    pub free_pages: bool,
+
     /// Audit something other than a live etcd.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -199,6 +205,8 @@ pub struct Settings {
     pub needs: bool,
     /// `--all-revisions` (snapshot only): every stored revision.
     pub all_revisions: bool,
+    /// `--free-pages` (snapshot only): scan free pages instead of auditing.
+    pub free_pages: bool,
 }
 
 /// A flag value that is wrong; names the flag.
@@ -275,6 +283,12 @@ impl TryFrom<Args> for Settings {
                  (history of a live etcd is not supported yet)",
             ));
         }
+        if a.free_pages && a.command.is_none() {
+            return Err(usage(
+                "--free-pages",
+                "reads a snapshot file: etcd-inspect snapshot FILE --free-pages",
+            ));
+        }
         let source = match a.command {
             None => Source::Live,
             Some(Command::Snapshot { file }) => {
@@ -310,6 +324,7 @@ impl TryFrom<Args> for Settings {
             output: a.output,
             needs: a.needs,
             all_revisions: a.all_revisions,
+            free_pages: a.free_pages,
         })
     }
 }

@@ -20,6 +20,7 @@ pub mod audit;
 pub mod cli;
 pub mod decrypt;
 pub mod etcd;
+pub mod free_pages;
 pub mod kms;
 pub mod progress;
 pub mod record;

@@ -59,6 +59,8 @@ pub struct Outcome {
     pub summary: Summary,
     /// `--needs` ran: the list is the result, findings do not fail.
     pub needs_only: bool,
+    /// `--free-pages` ran instead of an audit.
+    pub free_pages: Option<crate::free_pages::FreePagesReport>,
 }
 
 impl Outcome {
@@ -70,13 +72,18 @@ impl Outcome {
     /// Why this scan proves nothing, when it does not (see
     /// [`crate::report::nothing_judged`]).
     pub fn nothing_judged(&self) -> Option<String> {
+        if self.free_pages.is_some() {
+            return None;
+        }
         crate::report::nothing_judged(&self.meta, &self.summary)
     }
 
     /// 2 when nothing was judged (fail closed), else 1 when something in
     /// `--fail-on` was found, else 0.
     pub fn exit_code(&self) -> u8 {
-        if self.nothing_judged().is_some() {
+        if let Some(f) = &self.free_pages {
+            f.exit_code()
+        } else if self.nothing_judged().is_some() {
             2
         } else if self.needs_only {
             0
@@ -141,6 +148,9 @@ pub fn load_config(
 
 /// Runs the audit described by `settings`, writing the report to `out`.
 pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunError> {
+    if let (true, Source::Snapshot(path)) = (settings.free_pages, &settings.source) {
+        return free_pages_run(settings, path, out).await;
+    }
     // Everything that can be checked offline is checked before etcd is contacted.
     let config = settings.config.as_ref().map(load_config).transpose()?;
     // --needs fingerprints the config's keys; the auditor takes the config.
@@ -233,5 +243,34 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
         meta,
         summary,
         needs_only: settings.needs,
+        free_pages: None,
+    })
+}
+
+/// `snapshot FILE --free-pages`: the free-page scan instead of an audit.
+async fn free_pages_run(
+    settings: &Settings,
+    path: &std::path::Path,
+    mut out: impl Write,
+) -> Result<Outcome, RunError> {
+    let owned = path.to_owned();
+    let report = tokio::task::spawn_blocking(move || crate::free_pages::scan(&owned))
+        .await
+        .map_err(|e| RunError::Output(std::io::Error::other(e)))??;
+    crate::free_pages::write(&report, settings.output, &mut out)?;
+    Ok(Outcome {
+        meta: ScanMeta {
+            prefix: settings.prefix.clone(),
+            snapshot: Some(path.display().to_string()),
+            etcd_prefix: settings.etcd_prefix.clone(),
+            revision: 0,
+            config: None,
+            fail_on: settings.fail_on.clone(),
+            decrypt_check: false,
+            all_revisions: false,
+        },
+        summary: Summary::default(),
+        needs_only: false,
+        free_pages: Some(report),
     })
 }

@@ -129,7 +129,26 @@ fn old_plaintext_revisions_are_found_until_compact_and_defrag() {
     );
     assert!(!table.contains("CANARY") && !doc.to_string().contains("CANARY"));
 
-    // Compact + defragment + a new backup: nothing old remains.
+    // The freed pages still hold the plaintext (bolt is copy-on-write).
+    let free = |file: &Path| {
+        let run = run_etcd_inspect([
+            "snapshot".to_owned(),
+            file.display().to_string(),
+            "--free-pages".to_owned(),
+            "--output".to_owned(),
+            "json".to_owned(),
+        ]);
+        let table = run_etcd_inspect([
+            "snapshot".to_owned(),
+            file.display().to_string(),
+            "--free-pages".to_owned(),
+        ]);
+        assert_eq!(run.code, table.code, "{}", run.stderr);
+        assert!(!table.stdout.contains("CANARY") && !run.stdout.contains("CANARY"));
+        (run.code, run.json(), table.stdout)
+    };
+    // Compaction alone: the old revisions leave the key bucket, but bolt is
+    // copy-on-write, so the pages that held them are only freed.
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args(etcd.etcdctl_args())
@@ -139,6 +158,22 @@ fn old_plaintext_revisions_are_found_until_compact_and_defrag() {
     let now: Value = serde_json::from_slice(&out.stdout).unwrap();
     let now = now["header"]["revision"].as_i64().unwrap().to_string();
     etcdctl(&etcd, &["compact", &now, "--physical"]);
+    let mid = dir.path().join("compacted.db");
+    snapshot_kit::snapshot_save(&etcd.etcdctl_args(), &mid);
+    let (code, doc, _) = audit(&mid, &config, &["--all-revisions"]);
+    assert_eq!(code, Some(0), "{doc}");
+    assert_eq!(doc["records"].as_array().unwrap().len(), 9);
+    let (code, doc, table) = free(&mid);
+    eprintln!("free pages after compaction: {doc}");
+    assert_eq!(code, Some(1), "{table}");
+    assert!(doc["remnants"].as_u64().unwrap() > 0, "{doc}");
+    assert!(doc["kinds"]["Secret"].as_u64().unwrap() > 0, "{doc}");
+    assert!(
+        table.contains("Secret") && table.contains("etcdctl defrag"),
+        "{table}"
+    );
+
+    // Defragment + a new backup: nothing old remains.
     etcdctl(&etcd, &["defrag"]);
     let after = dir.path().join("after.db");
     snapshot_kit::snapshot_save(&etcd.etcdctl_args(), &after);
@@ -147,6 +182,10 @@ fn old_plaintext_revisions_are_found_until_compact_and_defrag() {
     let recs = doc["records"].as_array().unwrap();
     assert_eq!(recs.len(), 9);
     assert!(recs.iter().all(|r| r["finding"] == json!("ok")));
+    let (code, doc, table) = free(&after);
+    eprintln!("free pages after: {doc}");
+    assert_eq!(code, Some(0), "{table}");
+    assert_eq!(doc["remnants"], json!(0));
 
     // --all-revisions needs a file.
     let run = run_etcd_inspect(
