@@ -41,6 +41,8 @@ use page::{BucketRoot, HEADER, Meta, Node};
 
 /// The deepest tree accepted (a real bolt tree of a few TiB is < 10 levels).
 const MAX_DEPTH: usize = 64;
+/// Branch pages kept in memory for lookups (at most this many pages).
+const BRANCH_CACHE: usize = 4096;
 
 /// Where the bytes come from: a file, or memory (fuzzing and tests).
 pub trait Source {
@@ -108,6 +110,8 @@ pub struct Snapshot<S: Source = FileSource> {
     /// Database length (without the appended SHA-256).
     db_len: u64,
     integrity: Integrity,
+    /// Branch pages already read (bounded by [`BRANCH_CACHE`]).
+    branches: std::cell::RefCell<std::collections::HashMap<u64, Node>>,
 }
 
 /// One revision of a key, as stored in the `key` bucket.
@@ -238,6 +242,7 @@ impl<S: Source> Snapshot<S> {
                 meta,
                 db_len,
                 integrity,
+                branches: Default::default(),
             }),
             Err(kind) => Err(SnapshotError { path, kind }),
         }
@@ -398,9 +403,10 @@ impl<S: Source> Snapshot<S> {
             return Err(oor());
         }
         let ps = u64::from(self.meta.page_size);
-        let mut head = [0u8; HEADER];
-        self.src.read_exact_at(&mut head, id * ps)?;
-        let h = page::Header::parse(&head).ok_or_else(oor)?;
+        // One read for the page; a second only when it has overflow pages.
+        let mut data = vec![0u8; ps as usize];
+        self.src.read_exact_at(&mut data, id * ps)?;
+        let h = page::Header::parse(&data).ok_or_else(oor)?;
         if h.id != id {
             return Err(ErrorKind::BadPage {
                 page: id,
@@ -417,14 +423,26 @@ impl<S: Source> Snapshot<S> {
                 what: format!("{} overflow pages run past the last page", h.overflow),
             });
         }
-        let mut data = vec![0u8; (n * ps) as usize];
-        self.src.read_exact_at(&mut data, id * ps)?;
+        if n > 1 {
+            data.resize((n * ps) as usize, 0);
+            self.src
+                .read_exact_at(&mut data[ps as usize..], (id + 1) * ps)?;
+        }
         Ok((h, data))
     }
 
     fn node(&self, id: u64, from: &str) -> Result<Node, ErrorKind> {
+        if let Some(n) = self.branches.borrow().get(&id) {
+            return Ok(n.clone());
+        }
         let (_, data) = self.read_pages(id, from)?;
-        Node::new(id, false, data)
+        let node = Node::new(id, false, data)?;
+        // Branch pages are few and read once per lookup: keep them.
+        let mut cache = self.branches.borrow_mut();
+        if !node.is_leaf() && cache.len() < BRANCH_CACHE {
+            cache.insert(id, node.clone());
+        }
+        Ok(node)
     }
 
     fn root_node(&self, root: &BucketRoot, parent: u64) -> Result<Node, ErrorKind> {
@@ -560,24 +578,38 @@ impl<S: Source> Snapshot<S> {
     pub fn latest(&self, prefix: &[u8]) -> Result<Latest<'_, S>, SnapshotError> {
         let mut newest: BTreeMap<Vec<u8>, (i64, i64, bool)> = BTreeMap::new();
         let mut revision = 0i64;
-        for r in self.revisions()? {
-            let r = r?;
-            revision = revision.max(r.main);
-            if !r.kv.key.starts_with(prefix) {
-                continue;
-            }
-            let slot = newest
-                .entry(r.kv.key)
-                .or_insert((r.main, r.sub, r.tombstone));
-            if (r.main, r.sub) >= (slot.0, slot.1) {
-                *slot = (r.main, r.sub, r.tombstone);
-            }
-        }
+        let (root, page) = self.top_bucket("key")?;
+        let mut cursor = self.cursor(&root, page).map_err(|k| self.err(k))?;
+        let mut index = 0u64;
+        // Only the key field of each KeyValue is decoded here; values are
+        // read again, one at a time, by the lookups in key order.
+        cursor
+            .for_each(|_, rev, value| {
+                let (main, sub, tombstone) = parse_revision(rev).ok_or(ErrorKind::BadRevision {
+                    index,
+                    len: rev.len(),
+                })?;
+                index += 1;
+                revision = revision.max(main);
+                let key =
+                    kv_key(value).map_err(|reason| ErrorKind::BadKeyValue { main, sub, reason })?;
+                if !key.starts_with(prefix) {
+                    return Ok(());
+                }
+                match newest.get_mut(key) {
+                    Some(slot) if (main, sub) < (slot.0, slot.1) => {}
+                    Some(slot) => *slot = (main, sub, tombstone),
+                    None => {
+                        newest.insert(key.to_vec(), (main, sub, tombstone));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|k| self.err(k))?;
         // A compaction past the last write leaves etcd at the compaction's revision.
         if let Some(c) = self.mvcc_meta()?.finished_compact_rev {
             revision = revision.max(c);
         }
-        let (root, page) = self.top_bucket("key")?;
         Ok(Latest {
             snap: self,
             root,
@@ -771,7 +803,69 @@ struct Cursor<'a, S: Source> {
     seen: PageSet,
 }
 
+/// The `key` field (1) of an encoded `mvccpb.KeyValue`, borrowed.
+fn kv_key(buf: &[u8]) -> Result<&[u8], String> {
+    let mut b = buf;
+    let mut key: &[u8] = &[];
+    while !b.is_empty() {
+        let tag = prost::encoding::decode_varint(&mut b).map_err(|e| e.to_string())?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        match wire {
+            0 => {
+                prost::encoding::decode_varint(&mut b).map_err(|e| e.to_string())?;
+            }
+            2 => {
+                let len = prost::encoding::decode_varint(&mut b).map_err(|e| e.to_string())?;
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|l| *l <= b.len())
+                    .ok_or_else(|| format!("field {field}: length past the end"))?;
+                if field == 1 {
+                    key = &b[..len];
+                }
+                b = &b[len..];
+            }
+            1 if b.len() >= 8 => b = &b[8..],
+            5 if b.len() >= 4 => b = &b[4..],
+            _ => return Err(format!("field {field}: wire type {wire} not expected")),
+        }
+    }
+    Ok(key)
+}
+
 impl<S: Source> Cursor<'_, S> {
+    /// Calls `f` with every leaf entry (flags, key, value), borrowed.
+    fn for_each(
+        &mut self,
+        mut f: impl FnMut(u32, &[u8], &[u8]) -> Result<(), ErrorKind>,
+    ) -> Result<(), ErrorKind> {
+        loop {
+            let depth = self.stack.len();
+            let Some((node, idx)) = self.stack.last_mut() else {
+                return Ok(());
+            };
+            if *idx >= node.count() {
+                self.stack.pop();
+                continue;
+            }
+            let i = *idx;
+            *idx += 1;
+            if node.is_leaf() {
+                let e = node.leaf(i)?;
+                f(e.flags, e.key, e.value)?;
+                continue;
+            }
+            let parent = node.id;
+            let (_, child) = node.branch(i)?;
+            if depth >= MAX_DEPTH {
+                return Err(ErrorKind::TooDeep(MAX_DEPTH, child));
+            }
+            self.seen.insert(child)?;
+            let child = self.snap.node(child, &format!("branch page {parent}"))?;
+            self.stack.push((child, 0));
+        }
+    }
+
     /// The next leaf entry: (flags, key, value).
     fn next_entry(&mut self) -> Result<Option<Entry>, ErrorKind> {
         loop {

@@ -9,6 +9,11 @@
 //! etcd-inspect-bench --endpoints http://127.0.0.1:2379 --keys 100000,200000
 //! ```
 //!
+//! Then the same data as an `etcdctl snapshot save` file: `etcd-inspect
+//! snapshot FILE` against the live audit and against `etcdctl snapshot
+//! restore` + the live audit (what a user would do without it; the time to
+//! start an etcd on the restored dir is not counted).
+//!
 //! Peak RSS: each measured command runs under a fresh `etcd-inspect-bench
 //! measure` process whose only child it is, so that process's
 //! `getrusage(RUSAGE_CHILDREN).ru_maxrss` is that command's peak.
@@ -260,6 +265,7 @@ fn bench(args: &[String]) -> Result<()> {
         "| keys | etcd-inspect s | etcdctl s | ratio | etcd-inspect peak RSS MiB | etcdctl peak RSS MiB | etcd-inspect exit |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut offline_rows = Vec::new();
     for &n in &f.keys {
         let t = Instant::now();
         rt.block_on(seed(&mut client, seeded, n))?;
@@ -304,6 +310,50 @@ fn bench(args: &[String]) -> Result<()> {
             b.rss_kib as f64 / 1024.0,
             a.code
         );
+        // Offline: the same data as an `etcdctl snapshot save` file, audited
+        // directly, against what a user would do otherwise: restore it into
+        // a data dir (then start an etcd on it and scan live, whose scan
+        // time is the live column above).
+        let snap = dir.join(format!("snap-{n}.db"));
+        let save = Command::new(&f.etcdctl)
+            .args(["--endpoints", &f.endpoints, "snapshot", "save"])
+            .arg(&snap)
+            .stdout(Stdio::null())
+            .status()?;
+        if !save.success() {
+            bail!("etcdctl snapshot save failed");
+        }
+        let mut offline = inspect.clone();
+        offline.splice(1..3, ["snapshot".to_owned(), snap.display().to_string()]);
+        let c = best_of(f.runs, &offline)?;
+        let restored = dir.join(format!("restore-{n}"));
+        let restore = run_measured(&[
+            f.etcdctl.clone(),
+            "snapshot".into(),
+            "restore".into(),
+            snap.display().to_string(),
+            "--data-dir".into(),
+            restored.display().to_string(),
+        ])?;
+        let _ = std::fs::remove_dir_all(&restored);
+        let _ = std::fs::remove_file(&snap);
+        offline_rows.push(format!(
+            "| {n} | {:.2} | {:.1} | {} | {:.2} | {:.2} | {:.2} |",
+            c.wall,
+            c.rss_kib as f64 / 1024.0,
+            c.code,
+            a.wall,
+            restore.wall,
+            restore.wall + a.wall
+        ));
+    }
+    println!();
+    println!(
+        "| keys | snapshot audit s | snapshot audit peak RSS MiB | exit | live audit s | etcdctl snapshot restore s | restore + live s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in offline_rows {
+        println!("{r}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

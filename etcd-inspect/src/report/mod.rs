@@ -64,8 +64,13 @@ pub trait Reporter {
 /// under the prefix, or an audit in which no key mapped to a resource.
 pub fn nothing_judged(meta: &ScanMeta, summary: &Summary) -> Option<String> {
     if summary.total() == 0 {
+        let check = if meta.snapshot.is_some() {
+            "check --prefix and the file"
+        } else {
+            "check --prefix and --endpoints"
+        };
         return Some(format!(
-            "no key under {} at revision {}: nothing was judged (check --prefix and --endpoints)",
+            "no key under {} at revision {}: nothing was judged ({check})",
             meta.prefix, meta.revision
         ));
     }
