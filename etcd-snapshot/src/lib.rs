@@ -33,6 +33,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
@@ -111,7 +112,7 @@ pub struct Snapshot<S: Source = FileSource> {
     db_len: u64,
     integrity: Integrity,
     /// Branch pages already read (bounded by [`BRANCH_CACHE`]).
-    branches: std::cell::RefCell<std::collections::HashMap<u64, Node>>,
+    branches: std::cell::RefCell<std::collections::HashMap<u64, Rc<Node>>>,
 }
 
 /// One revision of a key, as stored in the `key` bucket.
@@ -392,11 +393,11 @@ impl<S: Source> Snapshot<S> {
     }
 
     /// Reads page `id` with its overflow pages; checks its header.
-    fn read_pages(&self, id: u64, from: &str) -> Result<(page::Header, Vec<u8>), ErrorKind> {
+    fn read_pages(&self, id: u64, from: PageRef) -> Result<(page::Header, Vec<u8>), ErrorKind> {
         let pages = self.meta.pgid;
         let oor = || ErrorKind::PageOutOfRange {
             page: id,
-            from: from.to_owned(),
+            from: from.to_string(),
             pages,
         };
         if id < 2 || id >= pages {
@@ -431,24 +432,24 @@ impl<S: Source> Snapshot<S> {
         Ok((h, data))
     }
 
-    fn node(&self, id: u64, from: &str) -> Result<Node, ErrorKind> {
+    fn node(&self, id: u64, from: PageRef) -> Result<Rc<Node>, ErrorKind> {
         if let Some(n) = self.branches.borrow().get(&id) {
-            return Ok(n.clone());
+            return Ok(Rc::clone(n));
         }
         let (_, data) = self.read_pages(id, from)?;
-        let node = Node::new(id, false, data)?;
+        let node = Rc::new(Node::new(id, false, data)?);
         // Branch pages are few and read once per lookup: keep them.
         let mut cache = self.branches.borrow_mut();
         if !node.is_leaf() && cache.len() < BRANCH_CACHE {
-            cache.insert(id, node.clone());
+            cache.insert(id, Rc::clone(&node));
         }
         Ok(node)
     }
 
-    fn root_node(&self, root: &BucketRoot, parent: u64) -> Result<Node, ErrorKind> {
+    fn root_node(&self, root: &BucketRoot, parent: u64) -> Result<Rc<Node>, ErrorKind> {
         match root {
-            BucketRoot::Page(id) => self.node(*id, &format!("a bucket on page {parent}")),
-            BucketRoot::Inline(data) => Node::new(parent, true, data.clone()),
+            BucketRoot::Page(id) => self.node(*id, PageRef::Bucket(parent)),
+            BucketRoot::Inline(data) => Ok(Rc::new(Node::new(parent, true, data.clone())?)),
         }
     }
 
@@ -508,7 +509,7 @@ impl<S: Source> Snapshot<S> {
                 }
                 child = c;
             }
-            node = self.node(child, &format!("branch page {}", node.id))?;
+            node = self.node(child, PageRef::Branch(node.id))?;
         }
         Err(ErrorKind::TooDeep(MAX_DEPTH, node.id))
     }
@@ -639,7 +640,7 @@ impl<S: Source> Snapshot<S> {
         let mut listed = Vec::new();
         if self.meta.freelist != page::NO_FREELIST {
             let (h, data) = self
-                .read_pages(self.meta.freelist, "the meta page")
+                .read_pages(self.meta.freelist, PageRef::Meta)
                 .map_err(e)?;
             if h.flags != page::FREELIST {
                 return Err(e(ErrorKind::BadPage {
@@ -716,7 +717,7 @@ impl<S: Source> Snapshot<S> {
         if depth >= MAX_DEPTH {
             return Err(ErrorKind::TooDeep(MAX_DEPTH, id));
         }
-        let (h, data) = self.read_pages(id, "a bucket tree")?;
+        let (h, data) = self.read_pages(id, PageRef::Tree)?;
         for p in id..=id + u64::from(h.overflow) {
             used.insert(p)?;
         }
@@ -755,6 +756,26 @@ pub fn parse_revision(k: &[u8]) -> Option<(i64, i64, bool)> {
     let main = i64::from_be_bytes(k[..8].try_into().ok()?);
     let sub = i64::from_be_bytes(k[9..17].try_into().ok()?);
     Some((main, sub, tombstone))
+}
+
+/// Where a page id came from (named in errors; formatted only then).
+#[derive(Debug, Clone, Copy)]
+enum PageRef {
+    Meta,
+    Branch(u64),
+    Bucket(u64),
+    Tree,
+}
+
+impl std::fmt::Display for PageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PageRef::Meta => f.write_str("the meta page"),
+            PageRef::Branch(p) => write!(f, "branch page {p}"),
+            PageRef::Bucket(p) => write!(f, "a bucket on page {p}"),
+            PageRef::Tree => f.write_str("a bucket tree"),
+        }
+    }
 }
 
 /// One bit per page id.
@@ -799,7 +820,7 @@ type Entry = (u32, Vec<u8>, Vec<u8>);
 /// Walks one bucket's tree in key order.
 struct Cursor<'a, S: Source> {
     snap: &'a Snapshot<S>,
-    stack: Vec<(Node, usize)>,
+    stack: Vec<(Rc<Node>, usize)>,
     seen: PageSet,
 }
 
@@ -861,7 +882,7 @@ impl<S: Source> Cursor<'_, S> {
                 return Err(ErrorKind::TooDeep(MAX_DEPTH, child));
             }
             self.seen.insert(child)?;
-            let child = self.snap.node(child, &format!("branch page {parent}"))?;
+            let child = self.snap.node(child, PageRef::Branch(parent))?;
             self.stack.push((child, 0));
         }
     }
@@ -889,7 +910,7 @@ impl<S: Source> Cursor<'_, S> {
                 return Err(ErrorKind::TooDeep(MAX_DEPTH, child));
             }
             self.seen.insert(child)?;
-            let child = self.snap.node(child, &format!("branch page {parent}"))?;
+            let child = self.snap.node(child, PageRef::Branch(parent))?;
             self.stack.push((child, 0));
         }
     }
