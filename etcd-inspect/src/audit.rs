@@ -59,7 +59,8 @@ pub enum AuditorError {
 #[derive(Debug)]
 pub struct Auditor {
     config: Option<EncryptionConfiguration>,
-    etcd_prefix: String,
+    /// Apiserver prefixes tried in order to map a key (at least one).
+    etcd_prefixes: Vec<String>,
     /// Current key_id per KMS v2 provider name.
     kms_key_ids: BTreeMap<String, String>,
     decryptor: Option<Decryptor>,
@@ -105,7 +106,7 @@ impl Auditor {
     pub fn unaudited(etcd_prefix: &str) -> Self {
         Auditor {
             config: None,
-            etcd_prefix: etcd_prefix.to_owned(),
+            etcd_prefixes: vec![etcd_prefix.to_owned()],
             kms_key_ids: BTreeMap::new(),
             decryptor: None,
         }
@@ -120,7 +121,7 @@ impl Auditor {
     ) -> Self {
         Auditor {
             config: Some(config),
-            etcd_prefix: etcd_prefix.to_owned(),
+            etcd_prefixes: vec![etcd_prefix.to_owned()],
             kms_key_ids,
             decryptor: None,
         }
@@ -134,7 +135,9 @@ impl Auditor {
         settings: &Settings,
     ) -> Result<Self, AuditorError> {
         let Some(config) = config else {
-            return Ok(Self::unaudited(&settings.etcd_prefix));
+            return Ok(
+                Self::unaudited(&settings.etcd_prefix).with_etcd_prefixes(&settings.etcd_prefixes)
+            );
         };
         let targets = kms_v2_targets(&config, &settings.kms_endpoints);
         for (flag, map) in [
@@ -199,7 +202,8 @@ impl Auditor {
         for (name, id) in &settings.kms_key_ids {
             key_ids.insert(name.clone(), id.clone());
         }
-        let mut auditor = Self::with_key_ids(config, &settings.etcd_prefix, key_ids);
+        let mut auditor = Self::with_key_ids(config, &settings.etcd_prefix, key_ids)
+            .with_etcd_prefixes(&settings.etcd_prefixes);
         if settings.decrypt_check {
             auditor.decryptor = Some(Decryptor::new(clients));
         }
@@ -211,6 +215,33 @@ impl Auditor {
     /// stop with an error (see [`crate::run::RunError::PluginOutage`]).
     pub fn plugin_outage(&self) -> Option<&crate::decrypt::PluginOutage> {
         self.decryptor.as_ref().and_then(Decryptor::outage)
+    }
+
+    /// Maps keys below each of `prefixes` in turn (the first that maps a key
+    /// wins); an empty list keeps the current prefix.
+    pub fn with_etcd_prefixes(mut self, prefixes: &[String]) -> Self {
+        if !prefixes.is_empty() {
+            self.etcd_prefixes = prefixes.to_vec();
+        }
+        self
+    }
+
+    /// Maps `key` to a resource below the first apiserver prefix that fits.
+    pub fn map_key(&self, key: &[u8]) -> Result<KeyResource, storage_encryption::KeyError> {
+        let mut first_err = None;
+        for p in &self.etcd_prefixes {
+            match resource_for_key(key, p) {
+                Ok(m) => return Ok(m),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            // Never empty (constructors set one); map below "/" otherwise.
+            None => resource_for_key(key, "/"),
+        }
     }
 
     /// The current key_id used for each KMS v2 provider.
@@ -256,6 +287,29 @@ impl Auditor {
         record
     }
 
+    /// The record of a deletion (`--all-revisions`): no value, nothing to
+    /// judge, not counted as judged.
+    pub fn tombstone(&self, key: &[u8], rev: crate::record::RevisionInfo) -> Record {
+        let mapped = self.map_key(key).ok();
+        Record {
+            key: String::from_utf8_lossy(key).into_owned(),
+            resource: mapped.as_ref().map(|m| m.group_resource.config_name()),
+            namespace: mapped.as_ref().and_then(|m| m.namespace.clone()),
+            name: mapped.map(|m| m.name),
+            actual: ProviderRef {
+                provider: None,
+                provider_name: None,
+                key_name: None,
+            },
+            key_id: None,
+            encoding: None,
+            expected: None,
+            finding: None,
+            detail: Some(format!("tombstone: deleted at revision {}", rev.revision)),
+            revision: Some(rev),
+        }
+    }
+
     /// Classification and judgement without decrypting.
     pub fn judge_value(
         &self,
@@ -263,7 +317,7 @@ impl Auditor {
         value: &[u8],
     ) -> (Record, Classification, Option<KeyResource>) {
         let classification = classify_value(value);
-        let mapped = resource_for_key(key, &self.etcd_prefix);
+        let mapped = self.map_key(key);
         let mut record = Record {
             key: String::from_utf8_lossy(key).into_owned(),
             resource: None,
@@ -281,6 +335,7 @@ impl Auditor {
             expected: None,
             finding: None,
             detail: None,
+            revision: None,
         };
         if let Some(reason) = undecodable_reason(&classification) {
             record.finding = Some(Finding::Undecodable);
@@ -290,7 +345,15 @@ impl Auditor {
             Ok(m) => m,
             Err(e) => {
                 if record.finding.is_none() {
-                    record.detail = Some(format!("not audited: {e}"));
+                    if self.config.is_some() {
+                        // Fail closed: a value nobody can judge is a finding.
+                        record.finding = Some(Finding::Unmapped);
+                        record.detail = Some(format!(
+                            "not judged: {e}; if kube-apiserver runs with another --etcd-prefix, give it with --etcd-prefix"
+                        ));
+                    } else {
+                        record.detail = Some(format!("not audited: {e}"));
+                    }
                 }
                 return (record, classification, None);
             }
@@ -501,7 +564,7 @@ mod tests {
     }
 
     #[test]
-    fn garbage_is_undecodable_and_unmapped_keys_are_not_judged() {
+    fn garbage_is_undecodable_and_unmapped_keys_are_a_finding() {
         let a = auditor();
         assert_eq!(
             finding(&a, "/registry/secrets/ns/c", b"\x00\x01garbage"),
@@ -514,6 +577,13 @@ mod tests {
         let pb = b"k8s\0\x0a\x0c\x0a\x02v1\x12\x06Secret\x12\x01x\x1a\x00\x22\x00";
         let (r, _, mapped) = a.judge_value(b"/registry/whatever", pb);
         assert!(mapped.is_none());
+        assert_eq!(r.finding, Some(Finding::Unmapped));
+        assert!(r.detail.unwrap().contains("--etcd-prefix"));
+        // Outside the apiserver prefix: unmapped too (never silently skipped).
+        let (r, _, _) = a.judge_value(b"/wild/secrets/ns/a", pb);
+        assert_eq!(r.finding, Some(Finding::Unmapped));
+        // Without a config nothing is judged, so nothing is unmapped.
+        let (r, _, _) = Auditor::unaudited("/registry").judge_value(b"/registry/whatever", pb);
         assert_eq!(r.finding, None);
         assert!(r.detail.unwrap().starts_with("not audited"));
     }

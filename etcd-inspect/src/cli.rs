@@ -22,8 +22,9 @@ cli_kit::exit_codes! {
         /// At least one finding in `--fail-on`.
         Findings = 1 => "findings: at least one key has a finding in --fail-on",
         /// Nothing (more) could be judged.
-        Error = 2 => "usage, config, connection or KMS plugin error (nothing was judged,\n\
-                      or nothing past the last key named in the message)",
+        Error = 2 => "usage, config, connection or KMS plugin error, or an audit that judged no value\n\
+                      (an empty prefix, or no key mapped to a resource): nothing was judged,\n\
+                      or nothing past the last key named in the message",
     }
 }
 
@@ -44,6 +45,7 @@ Findings (with --config):
   unreadable      provider or key not in the config at all: data at risk
   undecodable     garbage, truncated, or an invalid encrypted envelope
   decrypt-failed  --decrypt-check could not decrypt it with the config's keys or the plugin
+  unmapped        the key maps to no resource below --etcd-prefix: not judged (fail closed)
 
 --output json writes one JSON document, streamed while scanning:
   {\"prefix\":..,\"revision\":..,\"records\":[{\"key\":..,\"resource\":..,\"namespace\":..,\"name\":..,
@@ -95,12 +97,13 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = at_least(MIN_TIMEOUT))]
     pub command_timeout: Duration,
 
-    /// kube-apiserver's --etcd-prefix: keys are mapped to resources below it.
-    #[arg(long, value_name = "PREFIX", default_value = "/registry")]
-    pub etcd_prefix: String,
+    /// kube-apiserver's --etcd-prefix: keys are mapped to resources below it
+    /// [default: /registry; a --prefix outside it]
+    #[arg(long, value_name = "PREFIX", global = true)]
+    pub etcd_prefix: Option<String>,
 
     /// Key prefix to scan [default: the --etcd-prefix].
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(long, value_name = "PREFIX", global = true)]
     pub prefix: Option<String>,
 
     /// Keys per etcd range request [default: as many as fit a 1 MiB page].
@@ -109,41 +112,95 @@ pub struct Args {
     pub page_size: Option<i64>,
 
     /// kube-apiserver EncryptionConfiguration to audit against.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
 
     /// Reach KMS provider NAME at ENDPOINT instead of the config's endpoint (repeatable).
-    #[arg(long, value_name = "NAME=ENDPOINT", requires = "config")]
+    #[arg(long, value_name = "NAME=ENDPOINT", requires = "config", global = true)]
     pub kms_endpoint: Vec<String>,
 
     /// Take KMS v2 provider NAME's current key_id as given instead of calling Status (repeatable).
-    #[arg(long, value_name = "NAME=KEY_ID", requires = "config")]
+    #[arg(long, value_name = "NAME=KEY_ID", requires = "config", global = true)]
     pub kms_key_id: Vec<String>,
 
     /// Decrypt every value with the config's keys (KMS v2 seeds through the plugin); plaintext is never shown.
-    #[arg(long, requires = "config")]
+    #[arg(long, requires = "config", global = true)]
     pub decrypt_check: bool,
 
     /// Findings that fail the run (exit 1), comma-separated, or `none`.
     #[arg(
         long,
         value_name = "FINDINGS",
-        default_value = "plaintext,unreadable,undecodable,decrypt-failed"
+        default_value = "plaintext,unreadable,undecodable,decrypt-failed,unmapped",
+        global = true
     )]
     pub fail_on: String,
 
     /// Report format.
-    #[arg(long, value_enum, default_value = "table")]
+    #[arg(long, value_enum, default_value = "table", global = true)]
     pub output: OutputFormat,
+
+    /// Print only what the values need to be read back (for a backup
+    /// catalogue): provider, key name and a fingerprint of the key from
+    /// --config (never the key), KMS v2 key_ids, KMS v1 provider names.
+    /// Exit 0 when listed (2 on error or when no key is under the prefix).
+    #[arg(long, global = true)]
+    pub needs: bool,
+
+    /// With `snapshot FILE`: judge every revision still in the file (history
+    /// since the last compaction, tombstones listed), not only the latest.
+    #[arg(long, global = true)]
+    pub all_revisions: bool,
+
+    /// With `snapshot FILE`: look for unencrypted Kubernetes objects in the
+    /// file's freed and unused pages (counts, kinds and page numbers only).
+    /// Exit 1 when some are found.
+    #[arg(long, global = true)]
+    pub free_pages: bool,
+
+    /// Audit something other than a live etcd.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands (without one, the live etcd at --endpoints is scanned).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Audit an etcd snapshot file or a stopped member's db, offline.
+    ///
+    /// FILE is an `etcdctl snapshot save` file (its appended SHA-256 is
+    /// checked) or a stopped member's `member/snap/db`, read directly and
+    /// read-only at its latest revision: same flags, records, reports and
+    /// exit codes as the live scan. A torn, truncated or foreign file exits 2.
+    Snapshot {
+        /// The snapshot file or bolt database.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// Where the values come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The live etcd at `--endpoints`.
+    Live,
+    /// A snapshot file or a member's bolt database.
+    Snapshot(PathBuf),
 }
 
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Live etcd or a snapshot file.
+    pub source: Source,
     /// How to reach etcd.
     pub etcd: EtcdConnection,
-    /// kube-apiserver's etcd prefix (no trailing `/`).
+    /// kube-apiserver's etcd prefix (no trailing `/`): `--etcd-prefix`, or
+    /// the first of `etcd_prefixes`.
     pub etcd_prefix: String,
+    /// The apiserver prefixes tried, in order, to map a key to a resource:
+    /// just `etcd_prefix`, or ancestors of a `--prefix` outside `/registry`.
+    pub etcd_prefixes: Vec<String>,
     /// Scan prefix.
     pub prefix: String,
     /// How the scan sizes its pages (`--page-size` or the byte budget).
@@ -162,6 +219,12 @@ pub struct Settings {
     pub fail_on: BTreeSet<Finding>,
     /// Report format.
     pub output: OutputFormat,
+    /// `--needs`: print what the values need instead of the audit.
+    pub needs: bool,
+    /// `--all-revisions` (snapshot only): every stored revision.
+    pub all_revisions: bool,
+    /// `--free-pages` (snapshot only): scan free pages instead of auditing.
+    pub free_pages: bool,
 }
 
 /// A flag value that is wrong; names the flag.
@@ -219,17 +282,11 @@ impl TryFrom<Args> for Settings {
                 ));
             }
         }
-        let etcd_prefix = a.etcd_prefix.trim_end_matches('/').to_owned();
-        if !etcd_prefix.starts_with('/') {
-            return Err(usage(
-                "--etcd-prefix",
-                format!("{:?} must start with /", a.etcd_prefix),
-            ));
-        }
-        let prefix = a.prefix.unwrap_or_else(|| etcd_prefix.clone());
-        if prefix.is_empty() {
-            return Err(usage("--prefix", "must not be empty"));
-        }
+        let (etcd_prefixes, prefix) = resolve_prefixes(a.etcd_prefix.as_deref(), a.prefix)?;
+        let etcd_prefix = etcd_prefixes
+            .first()
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_owned());
         let fail_on = parse_fail_on(&a.fail_on).map_err(|m| usage("--fail-on", m))?;
         let kms_endpoints = parse_pairs(&a.kms_endpoint).map_err(|m| usage("--kms-endpoint", m))?;
         for (name, ep) in &kms_endpoints {
@@ -237,7 +294,33 @@ impl TryFrom<Args> for Settings {
                 .map_err(|e| usage("--kms-endpoint", format!("{name}: {e}")))?;
         }
         let kms_key_ids = parse_pairs(&a.kms_key_id).map_err(|m| usage("--kms-key-id", m))?;
+        if a.all_revisions && a.command.is_none() {
+            return Err(usage(
+                "--all-revisions",
+                "reads a snapshot file: etcd-inspect snapshot FILE --all-revisions \
+                 (history of a live etcd is not supported yet)",
+            ));
+        }
+        if a.free_pages && a.command.is_none() {
+            return Err(usage(
+                "--free-pages",
+                "reads a snapshot file: etcd-inspect snapshot FILE --free-pages",
+            ));
+        }
+        let source = match a.command {
+            None => Source::Live,
+            Some(Command::Snapshot { file }) => {
+                if !file.is_file() {
+                    return Err(usage(
+                        "snapshot FILE",
+                        format!("{} is not a readable file", file.display()),
+                    ));
+                }
+                Source::Snapshot(file)
+            }
+        };
         Ok(Settings {
+            source,
             etcd: EtcdConnection {
                 endpoints,
                 cacert: a.cacert,
@@ -247,6 +330,7 @@ impl TryFrom<Args> for Settings {
                 command_timeout: a.command_timeout,
             },
             etcd_prefix,
+            etcd_prefixes,
             prefix,
             scan: a
                 .page_size
@@ -258,8 +342,56 @@ impl TryFrom<Args> for Settings {
             decrypt_check: a.decrypt_check,
             fail_on,
             output: a.output,
+            needs: a.needs,
+            all_revisions: a.all_revisions,
+            free_pages: a.free_pages,
         })
     }
+}
+
+/// kube-apiserver's default `--etcd-prefix`.
+pub const DEFAULT_ETCD_PREFIX: &str = "/registry";
+
+/// Decides the apiserver prefixes keys are mapped below, and the scan
+/// prefix. Without `--etcd-prefix`, a `--prefix` outside `/registry` says
+/// where the apiserver's prefix is (an apiserver run with
+/// `--etcd-prefix=/wild` stores `/wild/secrets/...`): each of its ancestors,
+/// shortest first, is tried per key (`/wild/secrets/ns1` → `/wild`,
+/// `/wild/secrets`, `/wild/secrets/ns1`). Keys that still map to no
+/// resource become `unmapped` findings whose detail names `--etcd-prefix`.
+fn resolve_prefixes(
+    etcd_prefix: Option<&str>,
+    prefix: Option<String>,
+) -> Result<(Vec<String>, String), UsageError> {
+    let given = etcd_prefix.is_some();
+    let raw = etcd_prefix.unwrap_or(DEFAULT_ETCD_PREFIX);
+    let etcd_prefix = raw.trim_end_matches('/').to_owned();
+    if !etcd_prefix.starts_with('/') {
+        return Err(usage("--etcd-prefix", format!("{raw:?} must start with /")));
+    }
+    let Some(prefix) = prefix else {
+        return Ok((vec![etcd_prefix.clone()], etcd_prefix));
+    };
+    if prefix.is_empty() {
+        return Err(usage("--prefix", "must not be empty"));
+    }
+    let under = prefix == etcd_prefix || prefix.starts_with(&format!("{etcd_prefix}/"));
+    if given || under || !prefix.starts_with('/') {
+        return Ok((vec![etcd_prefix], prefix));
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    let ancestors: Vec<String> = trimmed
+        .match_indices('/')
+        .map(|(i, _)| &trimmed[..i])
+        .filter(|a| !a.is_empty())
+        .chain(std::iter::once(trimmed))
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ancestors.is_empty() {
+        return Ok((vec![etcd_prefix], prefix));
+    }
+    Ok((ancestors, prefix))
 }
 
 /// Parses `--fail-on`: comma-separated finding names, or `none`.
@@ -314,6 +446,35 @@ mod tests {
         assert_eq!(s.etcd_prefix, "/registry");
         assert_eq!(s.output, OutputFormat::Table);
         assert_eq!(s.fail_on, Finding::DEFAULT_FAIL_ON.into_iter().collect());
+    }
+
+    #[test]
+    fn prefix_outside_registry_becomes_the_apiserver_prefix() {
+        let s = parse(&["--prefix", "/wild"]).unwrap();
+        assert_eq!(
+            (s.prefix.as_str(), s.etcd_prefix.as_str()),
+            ("/wild", "/wild")
+        );
+        assert_eq!(s.etcd_prefixes, ["/wild"]);
+        let s = parse(&["--prefix", "/wild/secrets/ns1/"]).unwrap();
+        assert_eq!(
+            s.etcd_prefixes,
+            ["/wild", "/wild/secrets", "/wild/secrets/ns1"]
+        );
+        let s = parse(&["--prefix", "/registry/secrets/"]).unwrap();
+        assert_eq!(s.etcd_prefixes, ["/registry"]);
+        // An explicit --etcd-prefix always wins.
+        let s = parse(&["--prefix", "/wild", "--etcd-prefix", "/registry"]).unwrap();
+        assert_eq!(s.etcd_prefixes, ["/registry"]);
+        let s = parse(&["--etcd-prefix", "/wild/"]).unwrap();
+        assert_eq!(
+            (s.prefix.as_str(), s.etcd_prefix.as_str()),
+            ("/wild", "/wild")
+        );
+        let s = parse(&["--prefix", "/"]).unwrap();
+        assert_eq!(s.etcd_prefixes, ["/registry"]);
+        assert!(parse(&["--prefix", ""]).is_err());
+        assert!(parse(&["--etcd-prefix", "wild"]).is_err());
     }
 
     #[test]
@@ -380,6 +541,34 @@ mod tests {
         );
         // Overrides without a config make no sense.
         assert!(parse(&["--kms-key-id", "p=a"]).is_err());
+    }
+
+    #[test]
+    fn snapshot_subcommand_takes_the_same_flags() {
+        let s = parse(&[
+            "snapshot",
+            "/etc/hostname",
+            "--config",
+            "c.yaml",
+            "--output",
+            "json",
+            "--prefix",
+            "/wild",
+            "--fail-on",
+            "stale",
+        ])
+        .unwrap();
+        assert_eq!(s.source, Source::Snapshot("/etc/hostname".into()));
+        assert_eq!(s.output, OutputFormat::Json);
+        assert_eq!(s.etcd_prefix, "/wild");
+        assert_eq!(s.fail_on, [Finding::Stale].into_iter().collect());
+        assert_eq!(parse(&[]).unwrap().source, Source::Live);
+        assert!(
+            parse(&["snapshot", "/nonexistent/snap.db"])
+                .unwrap_err()
+                .contains("/nonexistent/snap.db")
+        );
+        assert!(parse(&["snapshot"]).is_err());
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! seeds through the plugin, [`kms`]). Results go to a [`report`] (table,
 //! streaming JSON, JUnit) and an exit code ([`run::Outcome`]).
 //!
+//! `etcd-inspect snapshot FILE` reads a snapshot file instead
+//! ([`snapshot`], with the `etcd-snapshot` bolt reader) into the same pipeline.
+//!
 //! Start reading at [`run::run`]. The binary's flags are in [`cli`].
 //! Plaintext and key material never reach a report, a log or an error.
 
@@ -18,14 +21,16 @@ pub mod audit;
 pub mod cli;
 pub mod decrypt;
 pub mod etcd;
+pub mod free_pages;
 pub mod kms;
 pub mod progress;
 pub mod record;
 pub mod report;
 pub mod run;
 pub mod scan;
+pub mod snapshot;
 pub mod summary;
 
 pub use cli::{Args, OutputFormat, Settings};
-pub use record::{Finding, ProviderKind, ProviderRef, Record};
+pub use record::{Finding, ProviderKind, ProviderRef, Record, RevisionInfo};
 pub use run::{Outcome, RunError, run};

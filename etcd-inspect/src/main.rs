@@ -37,7 +37,12 @@ fn main() -> ExitCode {
     };
     let stdout = std::io::stdout();
     match runtime.block_on(etcd_inspect::run(&settings, stdout.lock())) {
-        Ok(outcome) => outcome.exit().into(),
+        Ok(outcome) => {
+            if let Some(why) = outcome.nothing_judged() {
+                eprintln!("etcd-inspect: {}", cli_kit::escape::escape_control(&why));
+            }
+            outcome.exit().into()
+        }
         // The reader of the report has gone (`etcd-inspect ... | head`): it
         // read what it wanted, so end quietly.
         Err(e) if cli_kit::output::is_broken_pipe(&e) => ExitCode::SUCCESS,

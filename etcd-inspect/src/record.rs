@@ -32,11 +32,15 @@ pub enum Finding {
     Undecodable,
     /// `--decrypt-check`: decrypting with the config's keys (or the plugin) failed.
     DecryptFailed,
+    /// A value under the scanned prefix whose key maps to no resource below
+    /// the apiserver's `--etcd-prefix`: nobody can say which provider should
+    /// have written it, so it was not judged. Fail closed.
+    Unmapped,
 }
 
 impl Finding {
     /// Every finding, in report order.
-    pub const ALL: [Finding; 7] = [
+    pub const ALL: [Finding; 8] = [
         Finding::Ok,
         Finding::Plaintext,
         Finding::Stale,
@@ -44,14 +48,16 @@ impl Finding {
         Finding::Unreadable,
         Finding::Undecodable,
         Finding::DecryptFailed,
+        Finding::Unmapped,
     ];
 
     /// The default `--fail-on` set.
-    pub const DEFAULT_FAIL_ON: [Finding; 4] = [
+    pub const DEFAULT_FAIL_ON: [Finding; 5] = [
         Finding::Plaintext,
         Finding::Unreadable,
         Finding::Undecodable,
         Finding::DecryptFailed,
+        Finding::Unmapped,
     ];
 
     /// The name used on the command line, in reports and JSON.
@@ -64,6 +70,7 @@ impl Finding {
             Finding::Unreadable => "unreadable",
             Finding::Undecodable => "undecodable",
             Finding::DecryptFailed => "decrypt-failed",
+            Finding::Unmapped => "unmapped",
         }
     }
 }
@@ -145,9 +152,29 @@ pub struct Record {
     /// What the config's first provider for this resource is (`null` without `--config`).
     pub expected: Option<ProviderRef>,
     /// The verdict (`null` without `--config`, except `undecodable`).
+    /// With `--config`, a key that maps to no resource is `unmapped`.
     pub finding: Option<Finding>,
     /// Why, in words, when the finding is not `ok` (never contains plaintext).
     pub detail: Option<String>,
+    /// Which revision this is (`snapshot FILE --all-revisions` only; absent
+    /// from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<RevisionInfo>,
+}
+
+/// One stored revision of a key (`--all-revisions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RevisionInfo {
+    /// The etcd revision that wrote (or deleted) it.
+    pub revision: i64,
+    /// Position within that revision's transaction.
+    pub sub: i64,
+    /// The key's creation revision (0 for a tombstone).
+    pub create_revision: i64,
+    /// Modifications since creation (0 for a tombstone).
+    pub version: i64,
+    /// This revision deleted the key.
+    pub tombstone: bool,
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ pub struct RowStats {
 pub struct Summary {
     rows: BTreeMap<RowKey, RowStats>,
     total: u64,
+    judged: u64,
     by_finding: BTreeMap<Finding, u64>,
 }
 
@@ -47,6 +48,11 @@ impl Summary {
     /// Adds one record.
     pub fn add(&mut self, r: &Record) {
         self.total += 1;
+        // Judged: mapped to a resource and compared with the config's
+        // providers (`expected` is only set then).
+        if r.expected.is_some() {
+            self.judged += 1;
+        }
         if let Some(f) = r.finding {
             *self.by_finding.entry(f).or_default() += 1;
         }
@@ -72,6 +78,12 @@ impl Summary {
     /// Rows in a stable order (resource, provider, key, finding).
     pub fn rows(&self) -> impl Iterator<Item = (&RowKey, &RowStats)> {
         self.rows.iter()
+    }
+
+    /// Keys judged against a config (mapped to a resource). An audit with
+    /// keys but none judged proves nothing and fails closed.
+    pub fn judged(&self) -> u64 {
+        self.judged
     }
 
     /// Keys per finding.

@@ -413,7 +413,7 @@ async fn audits_every_provider_and_finding_record_by_record() {
             None,
             Some("plaintext"),
         ),
-        // a key that maps to no resource: classified, not judged.
+        // a key that maps to no resource: not judged, so a finding (fail closed).
         e(
             "/registry/not-a-resource",
             k8s_protobuf("v1", "Thing", b"t"),
@@ -422,7 +422,7 @@ async fn audits_every_provider_and_finding_record_by_record() {
             None,
             id,
             None,
-            None,
+            Some("unmapped"),
         ),
     ];
     let kvs: Vec<(&str, &[u8])> = expects
@@ -464,13 +464,19 @@ async fn audits_every_provider_and_finding_record_by_record() {
         "kms-key-stale",
         "unreadable",
         "undecodable",
+        "unmapped",
     ] {
         let n = expects.iter().filter(|x| x.finding == Some(f)).count();
         assert_eq!(summary["findings"][f], json!(n), "summary count of {f}");
     }
     let failing = expects
         .iter()
-        .filter(|x| matches!(x.finding, Some("plaintext" | "unreadable" | "undecodable")))
+        .filter(|x| {
+            matches!(
+                x.finding,
+                Some("plaintext" | "unreadable" | "undecodable" | "unmapped")
+            )
+        })
         .count();
     assert_eq!(summary["failing"], json!(failing));
     assert_eq!(summary["result"], json!("fail"));

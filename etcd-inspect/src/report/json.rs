@@ -46,10 +46,16 @@ impl<W: Write> Reporter for JsonReporter<W> {
     fn begin(&mut self, meta: &ScanMeta) -> io::Result<()> {
         let head = json!({
             "prefix": meta.prefix,
+            "etcd_prefix": meta.etcd_prefix,
+            "snapshot": meta.snapshot,
             "revision": meta.revision,
             "config": meta.config,
             "decrypt_check": meta.decrypt_check,
         });
+        let mut head = head;
+        if meta.all_revisions {
+            head["all_revisions"] = json!(true);
+        }
         let head = serde_json::to_string(&head)?;
         // Re-open the object to append the streaming array.
         let head = head.strip_suffix('}').unwrap_or(&head);
@@ -81,10 +87,12 @@ impl<W: Write> Reporter for JsonReporter<W> {
             .collect();
         let s = json!({
             "keys": summary.total(),
+            "judged": summary.judged(),
             "findings": findings,
             "fail_on": meta.fail_on.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
             "failing": summary.failing(&meta.fail_on),
             "result": result_word(meta, summary),
+            "error": super::nothing_judged(meta, summary),
             "rows": rows,
         });
         write!(self.out, "\n],\n\"summary\":")?;

@@ -56,17 +56,18 @@ impl<W: Write> Reporter for JunitReporter<W> {
             .filter(|(k, _)| k.finding.is_some_and(|f| meta.fail_on.contains(&f)))
             .count();
         let suite = format!("etcd-inspect {}", meta.prefix);
+        let nothing_judged = super::nothing_judged(meta, summary);
+        let errors = usize::from(nothing_judged.is_some());
+        let tests = rows.len() + errors;
         writeln!(out, r#"<?xml version="1.0" encoding="UTF-8"?>"#)?;
         writeln!(
             out,
-            r#"<testsuites name="etcd-inspect" tests="{}" failures="{failures}" errors="0">"#,
-            rows.len()
+            r#"<testsuites name="etcd-inspect" tests="{tests}" failures="{failures}" errors="{errors}">"#
         )?;
         writeln!(
             out,
-            r#"  <testsuite name="{}" tests="{}" failures="{failures}" errors="0" skipped="0">"#,
-            xml(&suite),
-            rows.len()
+            r#"  <testsuite name="{}" tests="{tests}" failures="{failures}" errors="{errors}" skipped="0">"#,
+            xml(&suite)
         )?;
         writeln!(out, "    <properties>")?;
         writeln!(
@@ -126,6 +127,18 @@ impl<W: Write> Reporter for JunitReporter<W> {
             } else {
                 writeln!(out, "      <system-out>{}</system-out>", xml(&text))?;
             }
+            writeln!(out, "    </testcase>")?;
+        }
+        if let Some(why) = nothing_judged {
+            writeln!(
+                out,
+                r#"    <testcase classname="etcd-inspect" name="something was judged">"#
+            )?;
+            writeln!(
+                out,
+                r#"      <error type="nothing-judged" message="{}"/>"#,
+                xml(&why)
+            )?;
             writeln!(out, "    </testcase>")?;
         }
         writeln!(out, "  </testsuite>")?;

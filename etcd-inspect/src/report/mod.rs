@@ -8,6 +8,7 @@
 
 mod json;
 mod junit;
+pub mod needs;
 mod table;
 
 use std::collections::BTreeSet;
@@ -15,6 +16,7 @@ use std::io;
 
 pub use json::JsonReporter;
 pub use junit::JunitReporter;
+pub use needs::NeedsReporter;
 pub use table::TableReporter;
 
 use crate::record::{Finding, Record};
@@ -25,6 +27,10 @@ use crate::summary::Summary;
 pub struct ScanMeta {
     /// The scanned key prefix.
     pub prefix: String,
+    /// The snapshot file read (`etcd-inspect snapshot FILE`); `None` for a live scan.
+    pub snapshot: Option<String>,
+    /// kube-apiserver's `--etcd-prefix` keys were mapped below.
+    pub etcd_prefix: String,
     /// The etcd revision the whole scan read.
     pub revision: i64,
     /// The config path given with `--config`, if any.
@@ -33,6 +39,8 @@ pub struct ScanMeta {
     pub fail_on: BTreeSet<Finding>,
     /// Whether `--decrypt-check` ran.
     pub decrypt_check: bool,
+    /// `--all-revisions`: records are revisions (history), not keys.
+    pub all_revisions: bool,
 }
 
 impl ScanMeta {
@@ -52,9 +60,37 @@ pub trait Reporter {
     fn finish(&mut self, meta: &ScanMeta, summary: &Summary) -> io::Result<()>;
 }
 
-/// `pass` or `fail` for the summary's failing count.
+/// Why a completed scan proves nothing (exit 2), if it does not: no key
+/// under the prefix, or an audit in which no key mapped to a resource.
+pub fn nothing_judged(meta: &ScanMeta, summary: &Summary) -> Option<String> {
+    if summary.total() == 0 {
+        let check = if meta.snapshot.is_some() {
+            "check --prefix and the file"
+        } else {
+            "check --prefix and --endpoints"
+        };
+        return Some(format!(
+            "no key under {} at revision {}: nothing was judged ({check})",
+            meta.prefix, meta.revision
+        ));
+    }
+    if meta.audited() && summary.judged() == 0 {
+        return Some(format!(
+            "none of the {} keys under {} maps to a resource below --etcd-prefix {}: nothing was judged; \
+             give kube-apiserver's --etcd-prefix with --etcd-prefix",
+            summary.total(),
+            meta.prefix,
+            meta.etcd_prefix
+        ));
+    }
+    None
+}
+
+/// `pass`, `fail`, or `error` when nothing was judged ([`nothing_judged`]).
 pub fn result_word(meta: &ScanMeta, summary: &Summary) -> &'static str {
-    if summary.failing(&meta.fail_on) > 0 {
+    if nothing_judged(meta, summary).is_some() {
+        "error"
+    } else if summary.failing(&meta.fail_on) > 0 {
         "fail"
     } else {
         "pass"

@@ -39,8 +39,13 @@ impl<W: Write> Reporter for TableReporter<W> {
         match &meta.config {
             Some(c) => writeln!(
                 out,
-                "{} keys under {} at revision {}, audited against {}{}",
+                "{} {} under {} at revision {}, audited against {}{}",
                 summary.total(),
+                if meta.all_revisions {
+                    "revisions"
+                } else {
+                    "keys"
+                },
                 escape_control(&meta.prefix),
                 meta.revision,
                 escape_control(c),
@@ -59,7 +64,10 @@ impl<W: Write> Reporter for TableReporter<W> {
             )?,
         }
         if summary.total() == 0 {
-            return writeln!(out, "\nresult: PASS (nothing to audit)");
+            if let Some(why) = super::nothing_judged(meta, summary) {
+                writeln!(out, "\nresult: ERROR ({why})")?;
+            }
+            return out.flush();
         }
         writeln!(out)?;
 
@@ -121,6 +129,7 @@ impl<W: Write> Reporter for TableReporter<W> {
                 .collect();
             writeln!(out, "findings: {}", counts.join(", "))?;
         }
+        let nothing_judged = super::nothing_judged(meta, summary);
         let failing = summary.failing(&meta.fail_on);
         let fail_on: Vec<&str> = meta.fail_on.iter().map(|f| f.as_str()).collect();
         let fail_on = if fail_on.is_empty() {
@@ -149,11 +158,22 @@ impl<W: Write> Reporter for TableReporter<W> {
                     }
                 }
             }
-        } else {
+        } else if nothing_judged.is_none() {
             writeln!(
                 out,
                 "result: PASS (no finding in --fail-on {})",
                 fail_on.join(",")
+            )?;
+        }
+        if let Some(why) = nothing_judged {
+            writeln!(out, "result: ERROR ({why})")?;
+        }
+        if meta.all_revisions && failing > 0 {
+            writeln!(
+                out,
+                "\nOld revisions keep these values on disk and in every backup taken since: \
+                 compact (etcdctl compact), defragment every member (etcdctl defrag), \
+                 take a new backup and retire the old ones."
             )?;
         }
         out.flush()
