@@ -4,6 +4,7 @@
 //! provider name; aescbc/aesgcm/secretbox: key name and a fingerprint of the
 //! key from `--config`, never the key itself), with a value count.
 
+use cli_kit::escape::escape_control;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 
@@ -165,7 +166,7 @@ impl<W: Write> Reporter for NeedsReporter<W> {
             out,
             "{} keys under {} at revision {}{source} need:",
             summary.total(),
-            meta.prefix,
+            escape_control(&meta.prefix),
             meta.revision
         )?;
         if needs.is_empty() {
@@ -185,10 +186,13 @@ impl<W: Write> Reporter for NeedsReporter<W> {
                 }
                 (None, _) => n.fingerprints.join(","),
             };
+            // Names and key_ids come from what etcd holds: escaped for the terminal.
             writeln!(
                 out,
-                "  {:<9} {name}  {what}  ({} values)",
+                "  {:<9} {}  {}  ({} values)",
                 n.provider.as_str(),
+                escape_control(name),
+                escape_control(&what),
                 n.values
             )?;
         }
