@@ -115,10 +115,24 @@ fn unix_endpoint(e: &SocketEndpoint) -> String {
 /// connection the kernel accepted for it, even while the plugin is stopped).
 fn sockets_at(path: &std::path::Path) -> usize {
     let table = std::fs::read_to_string("/proc/net/unix").unwrap();
-    let path = path.display().to_string();
+    // /proc/net/unix shows the path a socket was bound at. The plugin binds in
+    // a private directory `.k*` beside the final path and renames the socket
+    // into place, so the listener and its accepted connections show
+    // `<dir>/.k*/<short name>`.
+    let dir = path.parent().unwrap();
+    let bound_privately = |p: &std::path::Path| {
+        p.parent().is_some_and(|private| {
+            private.parent() == Some(dir)
+                && private
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".k"))
+        })
+    };
     table
         .lines()
-        .filter(|l| l.split_whitespace().last() == Some(path.as_str()))
+        .filter_map(|l| l.split_whitespace().last())
+        .map(std::path::Path::new)
+        .filter(|p| *p == path || bound_privately(p))
         .count()
 }
 

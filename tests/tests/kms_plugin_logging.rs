@@ -105,7 +105,9 @@ async fn caller_supplied_uid_and_key_id_cannot_forge_log_lines() -> Result<()> {
             "a caller value started a log line: {line:?}"
         );
     }
-    let escaped_uid = "uid=u-inj\\nFORGED-LINE level=ERROR\\u{1b}[2J\\u{1b}[31m";
+    // The service shows caller values quoted, escaped and capped
+    // (`service::shown`); the plain formatter would escape them anyway.
+    let escaped_uid = "uid=\"u-inj\\nFORGED-LINE level=ERROR\\u{1b}[2J\\u{1b}[31m\"";
     let lines_with_uid: Vec<&str> = log.lines().filter(|l| l.contains(escaped_uid)).collect();
     assert!(
         lines_with_uid.len() >= 2,
