@@ -71,6 +71,23 @@ macro_rules! exit_codes {
             pub fn help() -> String {
                 $crate::exit::render(Self::ALL.iter().map(|c| (c.code(), c.meaning())))
             }
+
+            /// The codes a rendered `--help` does not show as [`help`](Self::help)
+            /// renders them (every code when the block is missing): what each
+            /// binary's test of its `--help` asserts is empty.
+            pub fn missing_from(rendered_help: &str) -> Vec<Self> {
+                if !rendered_help.contains(&Self::help()) {
+                    return Self::ALL.to_vec();
+                }
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .filter(|c| {
+                        let first = c.meaning().lines().next().unwrap_or_default();
+                        !rendered_help.contains(&format!("  {}  {first}", c.code()))
+                    })
+                    .collect()
+            }
         }
 
         impl From<$name> for ::std::process::ExitCode {
@@ -93,6 +110,13 @@ mod tests {
             /// usage
             Usage = 2 => "usage error",
         }
+    }
+
+    #[test]
+    fn missing_from_names_what_a_help_text_lacks() {
+        let full = format!("Usage: x\n\n{}", Codes::help());
+        assert!(Codes::missing_from(&full).is_empty(), "{full}");
+        assert_eq!(Codes::missing_from("Usage: x"), Codes::ALL.to_vec());
     }
 
     #[test]

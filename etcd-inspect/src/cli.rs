@@ -597,16 +597,6 @@ mod tests {
     fn help_lists_every_exit_code() {
         use clap::CommandFactory as _;
         let help = Args::command().render_long_help().to_string();
-        assert!(help.contains(&Exit::help()), "{help}");
-        for code in Exit::ALL {
-            assert!(
-                help.contains(&format!(
-                    "  {}  {}",
-                    code.code(),
-                    code.meaning().lines().next().unwrap()
-                )),
-                "{code:?} missing from --help"
-            );
-        }
+        assert_eq!(Exit::missing_from(&help), Vec::<Exit>::new(), "{help}");
     }
 }
