@@ -4,6 +4,7 @@
 //! They panic on failure: they only build test data.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use base64::Engine as _;
 use storage_encryption::{
@@ -12,6 +13,18 @@ use storage_encryption::{
 };
 
 use crate::plugin::{PluginProcess, SocketEndpoint, encrypt};
+
+/// `testdata/vectors/` at the workspace root (values kube-apiserver's own code
+/// wrote, with its verdicts); fails loudly when absent.
+pub fn vectors_dir() -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/vectors"));
+    assert!(
+        dir.join("apiserver-written.json").is_file(),
+        "known-answer vectors missing: expected {}",
+        dir.join("apiserver-written.json").display()
+    );
+    dir
+}
 
 /// A local test key: 32 bytes of `n`, base64 (as a config's `secret:`).
 pub fn key(n: u8) -> String {

@@ -302,20 +302,9 @@ fn corrupt_or_missing_snapshot_exits_2_naming_the_file() {
     );
 }
 
-/// `shared/vectors/`, beside the repository clone; fails loudly when absent.
-fn vectors_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors"));
-    assert!(
-        dir.join("apiserver-written.json").is_file(),
-        "known-answer vectors missing: expected {} (shared/ must sit beside the repository clone)",
-        dir.join("apiserver-written.json").display()
-    );
-    dir
-}
-
 #[test]
 fn apiserver_vectors_snapshot_equals_live_with_both_configs() {
-    let dir = vectors_dir();
+    let dir = atrest_tests::inspect::vectors_dir();
     let doc: Value =
         serde_json::from_slice(&std::fs::read(dir.join("apiserver-written.json")).unwrap())
             .unwrap();

@@ -5,22 +5,9 @@
 //! that disagreed, by etcd key, instead of stopping at the first.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use atrest_tests::etcd::{EtcdServer, run_etcd_inspect};
 use base64::Engine;
 use serde_json::{Value, json};
-
-/// `testdata/vectors/` at the workspace root; fails loudly when absent.
-fn vectors_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/vectors"));
-    assert!(
-        dir.join("apiserver-written.json").is_file(),
-        "known-answer vectors missing: expected {}",
-        dir.join("apiserver-written.json").display()
-    );
-    dir
-}
 
 /// What kube-apiserver's verdict means in etcd-inspect's vocabulary. The
 /// config's first provider for the resource decides between `plaintext` and
@@ -53,7 +40,7 @@ fn expected_finding(item: &Value, config: &str) -> &'static str {
 
 #[test]
 fn apiserver_written_values_audited_with_both_configs() {
-    let dir = vectors_dir();
+    let dir = atrest_tests::inspect::vectors_dir();
     let doc: Value =
         serde_json::from_slice(&std::fs::read(dir.join("apiserver-written.json")).unwrap())
             .unwrap();
@@ -141,7 +128,7 @@ fn apiserver_written_values_audited_with_both_configs() {
 
 #[test]
 fn a_different_plugin_key_id_makes_kms_values_key_stale() {
-    let dir = vectors_dir();
+    let dir = atrest_tests::inspect::vectors_dir();
     let doc: Value =
         serde_json::from_slice(&std::fs::read(dir.join("apiserver-written.json")).unwrap())
             .unwrap();
