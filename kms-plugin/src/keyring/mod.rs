@@ -71,7 +71,15 @@ impl Keyring {
         let mut by_key_id = HashMap::new();
         let mut primary = None;
         for (kek, info) in file.keks().iter().zip(&listing.keks) {
-            let enc_key = ::keyring::derive::encryption_key(kek.material());
+            let Some(enc_key) = ::keyring::derive::encryption_key(kek.material()) else {
+                return Err(KeyringError::Invalid {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "KEK {} is kept in a PKCS#11 token; serve it with --pkcs11-module",
+                        kek.number
+                    ),
+                });
+            };
             let served = Arc::new(Kek {
                 number: kek.number,
                 cipher: Aes256Gcm::new(enc_key.as_ref().into()),
