@@ -17,6 +17,7 @@ Exit codes:
   1  failure (serve: cannot start or failed; probe: unhealthy or unreachable;
      keyring: the file could not be read, edited or written)
   2  usage error
+  3  the PKCS#11 module, token or PIN cannot be used (a refused PIN is never retried)
 
 Logs go to stderr; set ATREST_LOG (e.g. info, debug, kms_plugin=debug) to filter.
 Keys are never taken from the command line: they are generated into the keyring file.";
@@ -60,7 +61,9 @@ pub enum KeyringCommand {
     /// Add a new KEK and make it primary; old KEKs stay for decrypt. Prints the new key_id.
     Rotate(KeyringPath),
     /// Add a new decrypt-only KEK (promote it later, once every host has it). Prints its number.
-    Add(KeyringPath),
+    /// With --pkcs11-token, the KEK is a key in a PKCS#11 token (generated or adopted); the
+    /// keyring holds only its reference and public check value.
+    Add(AddArgs),
     /// Make KEK N primary; it gets a key_id never used before. Prints that key_id.
     Promote {
         #[command(flatten)]
@@ -85,6 +88,43 @@ pub enum KeyringCommand {
         #[arg(long, value_enum, default_value_t = ListFormat::Text)]
         output: ListFormat,
     },
+}
+
+/// `keyring add` flags.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    /// The keyring file.
+    pub path: KeyringPath,
+    /// Put the KEK in this PKCS#11 token (its label) instead of the keyring file.
+    #[arg(long, value_name = "LABEL")]
+    pub pkcs11_token: Option<String>,
+    /// The token's serial number, when several tokens share the label.
+    #[arg(long, value_name = "SERIAL", requires = "pkcs11_token")]
+    pub pkcs11_serial: Option<String>,
+    /// The key object's label (default for --generate: atrest-kek-<CKA_ID prefix>).
+    #[arg(long, value_name = "LABEL", requires = "pkcs11_token")]
+    pub pkcs11_key_label: Option<String>,
+    /// Generate a new non-extractable AES-256 key in the token (the default).
+    #[arg(long, requires = "pkcs11_token", conflicts_with = "adopt")]
+    pub generate: bool,
+    /// Adopt the existing AES key labelled --pkcs11-key-label.
+    #[arg(long, requires_all = ["pkcs11_token", "pkcs11_key_label"])]
+    pub adopt: bool,
+    #[command(flatten)]
+    /// Module and PIN.
+    pub module: Pkcs11ModuleArgs,
+}
+
+/// The PKCS#11 module and PIN (never on the command line).
+#[derive(Debug, Args)]
+pub struct Pkcs11ModuleArgs {
+    /// The PKCS#11 module (shared library) of the HSM client.
+    #[arg(long, value_name = "PATH", env = "ATREST_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// A file holding the token user PIN (else the ATREST_PKCS11_PIN environment variable).
+    #[arg(long, value_name = "PATH")]
+    pub pkcs11_pin_file: Option<PathBuf>,
 }
 
 /// `keyring list --output`.

@@ -18,6 +18,7 @@ pub mod http;
 pub mod keyring;
 pub mod logging;
 pub mod metrics;
+pub mod pkcs11;
 pub mod probe;
 pub mod reload;
 pub mod run;

@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use crate::cli::{
-    Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint,
+    AddArgs, Cli, Command, KeyringCommand, ListFormat, LogFormat, parse_duration, parse_endpoint,
 };
+use crate::pkcs11::{ModuleConfig, Pin};
 use crate::serve::{ServeConfig, serve, shutdown_signal};
 use ::keyring::edit;
 
@@ -12,6 +13,9 @@ use ::keyring::edit;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code for a runtime failure.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code when the PKCS#11 module, token or PIN cannot be used (a wrong
+/// PIN is never retried: a supervisor should not restart in a loop on this).
+pub const EXIT_TOKEN: u8 = 3;
 
 fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
     eprintln!("kms-plugin: {message}");
@@ -67,6 +71,44 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+fn add_pkcs11(args: AddArgs) -> ExitCode {
+    use crate::pkcs11::add::{AddRequest, Source, add};
+    let Some(module) = args.module.pkcs11_module else {
+        return fail(
+            "--pkcs11-token needs --pkcs11-module PATH (or ATREST_PKCS11_MODULE)",
+            EXIT_USAGE,
+        );
+    };
+    let pin = match Pin::resolve(args.module.pkcs11_pin_file.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail(e, EXIT_USAGE),
+    };
+    let config = ModuleConfig {
+        module,
+        pin,
+        max_sessions: 1,
+        session_wait: std::time::Duration::from_secs(10),
+    };
+    let request = AddRequest {
+        token: args.pkcs11_token.as_deref().unwrap_or_default(),
+        serial: args.pkcs11_serial.as_deref(),
+        key_label: args.pkcs11_key_label.as_deref(),
+        source: if args.adopt {
+            Source::Adopt
+        } else {
+            Source::Generate
+        },
+    };
+    match add(&args.path.keyring, &config, &request) {
+        Ok(n) => {
+            println!("{n}");
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.is_token_trouble() => fail(e, EXIT_TOKEN),
+        Err(e) => fail(e, EXIT_FAILURE),
+    }
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     runtime_with(0)
 }
@@ -83,7 +125,16 @@ fn keyring(cmd: KeyringCommand) -> ExitCode {
     let result = match cmd {
         KeyringCommand::Init(p) => edit::init(&p.keyring).map(|l| println!("{}", l.key_id)),
         KeyringCommand::Rotate(p) => edit::rotate(&p.keyring).map(|l| println!("{}", l.key_id)),
-        KeyringCommand::Add(p) => edit::add(&p.keyring).map(|n| println!("{n}")),
+        KeyringCommand::Add(args) if args.pkcs11_token.is_some() => return add_pkcs11(args),
+        KeyringCommand::Add(args) => {
+            if args.module.pkcs11_pin_file.is_some() {
+                return fail(
+                    "--pkcs11-pin-file needs --pkcs11-token (a KEK in a token)",
+                    EXIT_USAGE,
+                );
+            }
+            edit::add(&args.path.keyring).map(|n| println!("{n}"))
+        }
         KeyringCommand::Promote { path, kek } => {
             edit::promote(&path.keyring, kek).map(|l| println!("{}", l.key_id))
         }
