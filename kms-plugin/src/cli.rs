@@ -183,6 +183,26 @@ pub struct ServeArgs {
     /// tens of thousands of calls a second; more threads cost CPU in wakeups.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub worker_threads: usize,
+    /// KEKs kept in a PKCS#11 token.
+    #[command(flatten)]
+    pub pkcs11: Pkcs11ServeArgs,
+}
+
+/// `serve` flags for KEKs kept in a PKCS#11 token.
+#[derive(Debug, Args)]
+pub struct Pkcs11ServeArgs {
+    #[command(flatten)]
+    /// Module and PIN.
+    pub module: Pkcs11ModuleArgs,
+    /// Most token sessions open at once for Encrypt/Decrypt. An apiserver
+    /// restart decrypts every DEK seed it holds at once; 16 sessions keep a
+    /// token busy without exhausting its session table (HSMs allow a few
+    /// hundred per client; several plugins may share one).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub pkcs11_max_sessions: usize,
+    /// How long a call waits for a free session before failing with UNAVAILABLE.
+    #[arg(long, value_name = "DURATION", default_value = "2s")]
+    pub pkcs11_session_wait: String,
 }
 
 /// `probe` flags.

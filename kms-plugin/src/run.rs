@@ -29,12 +29,23 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => {
             let format = args.log_format;
             let worker_threads = args.worker_threads;
+            let keyring_path = args.keyring.clone();
+            let pkcs11 = match crate::pkcs11::setup::from_args(&args.pkcs11) {
+                Ok(p) => p,
+                Err(e) => return fail(e, EXIT_USAGE),
+            };
             let config = match ServeConfig::try_from(args) {
                 Ok(c) => c,
                 Err(e) => return fail(e, EXIT_USAGE),
             };
             crate::logging::init(format);
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "kms-plugin starting");
+            if let Some(config) = pkcs11
+                && let Err(e) = crate::pkcs11::setup::start(config, &keyring_path)
+            {
+                tracing::error!(error = %e, "PKCS#11 token cannot be used");
+                return fail(e, EXIT_TOKEN);
+            }
             match runtime_with(worker_threads)
                 .map(|rt| rt.block_on(serve(config, shutdown_signal())))
             {

@@ -21,6 +21,8 @@
 //! copied to hosts whose client library lives elsewhere.
 
 pub mod add;
+pub mod serving;
+pub mod setup;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
