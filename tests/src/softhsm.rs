@@ -152,3 +152,44 @@ impl SoftHsm {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
+
+/// A keyring at `dir/keyring.json` whose primary KEK is a new key in `hsm`'s
+/// token `atrest` (KEK 2); KEK 1, the local KEK `init` made, stays
+/// decrypt-only.
+pub async fn hsm_keyring(hsm: &SoftHsm, dir: &Path) -> Result<crate::plugin::Keyring> {
+    let (keyring, _) = crate::plugin::Keyring::init(dir.join("keyring.json")).await?;
+    let n = hsm.add_key(&keyring, &["--pkcs11-token", "atrest"]).await?;
+    keyring.promote(n).await?;
+    Ok(keyring)
+}
+
+impl SoftHsm {
+    /// `kms-plugin keyring add --pkcs11-module … --pkcs11-pin-file … EXTRA…`
+    /// with this store's config; returns the new KEK's number.
+    pub async fn add_key(&self, keyring: &crate::plugin::Keyring, extra: &[&str]) -> Result<u32> {
+        let out = self.run_add(keyring, extra).await?;
+        let stdout = out.success()?;
+        stdout
+            .trim()
+            .parse()
+            .with_context(|| format!("`keyring add` printed {stdout:?}"))
+    }
+
+    /// The same, returning the output whatever it is.
+    pub async fn run_add(
+        &self,
+        keyring: &crate::plugin::Keyring,
+        extra: &[&str],
+    ) -> Result<crate::plugin::CliOutput> {
+        let mut args: Vec<String> = vec![
+            "keyring".into(),
+            "add".into(),
+            "--keyring".into(),
+            keyring.path().display().to_string(),
+        ];
+        args.extend(self.flags());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (k, v) = self.env();
+        crate::plugin::cli_env(args, &[(k, &v)]).await
+    }
+}
