@@ -193,3 +193,16 @@ impl SoftHsm {
         crate::plugin::cli_env(args, &[(k, &v)]).await
     }
 }
+
+/// Options for a plugin serving `keyring` with `hsm`'s module and PIN file
+/// (its `SOFTHSM2_CONF` set for the child only).
+pub fn plugin_options(hsm: &SoftHsm, keyring: &Path) -> crate::plugin::PluginOptions {
+    let (k, v) = hsm.env();
+    let mut options = crate::plugin::PluginOptions::new()
+        .keyring(keyring)
+        .env(k, v);
+    for flag in hsm.flags() {
+        options = options.arg(&flag);
+    }
+    options
+}

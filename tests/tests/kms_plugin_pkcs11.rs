@@ -3,9 +3,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use anyhow::Result;
-use atrest_tests::plugin::{Keyring, cli_env};
-use atrest_tests::softhsm::{MODULE, SoftHsm, USER_PIN};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use atrest_tests::plugin::{
+    Keyring, PluginOptions, PluginProcess, WAIT, cli_env, decrypt, encrypt, eventually, seed,
+};
+use atrest_tests::softhsm::{MODULE, SoftHsm, USER_PIN, hsm_keyring, plugin_options};
+use tonic::Code;
 
 async fn add(
     hsm: &SoftHsm,
@@ -215,5 +220,264 @@ async fn token_trouble_at_add_exits_3_and_never_retries_a_wrong_pin() -> Result<
     )
     .await?;
     assert_eq!(out.code(), Some(2), "{out:?}");
+    Ok(())
+}
+
+/// Replaces the token key of `kek` by another key with the same label and
+/// CKA_ID, as a wrong restore or a swapped token would.
+fn replace_token_key(
+    hsm: &SoftHsm,
+    keyring_list: &atrest_tests::plugin::KeyringList,
+    kek: u32,
+) -> Result<()> {
+    let reference = keyring_list.kek(kek).unwrap().pkcs11.clone().unwrap();
+    hsm.pkcs11_tool(&[
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--delete-object",
+        "--type",
+        "secrkey",
+        "--id",
+        &reference.id,
+    ])?;
+    hsm.pkcs11_tool(&[
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--label",
+        &reference.key_label,
+        "--id",
+        &reference.id,
+        "--sensitive",
+    ])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_token_key_is_refused_at_reload_and_at_start() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let plugin = PluginProcess::start(plugin_options(&hsm, keyring.path())).await?;
+    let served = plugin.status().await?.key_id;
+    assert!(served.starts_with("atrest-v1-k2-"), "{served}");
+
+    replace_token_key(&hsm, &keyring.list().await?, 2)?;
+    // Any edit makes the plugin reload; the reload finds the token key again
+    // and refuses it.
+    keyring.rotate().await?;
+    plugin.wait_for_log("does not give the check value").await?;
+    assert_eq!(
+        plugin.status().await?.key_id,
+        served,
+        "the refused keyring was served"
+    );
+
+    let mut second = PluginProcess::spawn(plugin_options(&hsm, keyring.path())).await?;
+    let status = second.wait().await?;
+    assert_eq!(status.code(), Some(1), "{}", second.log());
+    assert!(
+        second.log().contains("does not give the check value"),
+        "{}",
+        second.log()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_pin_stops_the_start_with_exit_3_and_the_pin_never_leaks() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let wrong = hsm.wrong_pin_file()?;
+    let (k, v) = hsm.env();
+    let options = PluginOptions::new()
+        .keyring(keyring.path())
+        .env(k, v.clone())
+        .arg("--pkcs11-module")
+        .arg(MODULE)
+        .arg("--pkcs11-pin-file")
+        .arg(&wrong.display().to_string());
+    let mut refused = PluginProcess::spawn(options).await?;
+    let status = refused.wait().await?;
+    assert_eq!(status.code(), Some(3), "{}", refused.log());
+    let log = refused.log();
+    assert!(
+        log.contains("CKR_PIN_INCORRECT") && log.contains("not retrying"),
+        "{log}"
+    );
+    assert!(!log.contains("0000-not-the-pin"), "{log}");
+    // One failed login happened (SoftHSM2 raises CKF_USER_PIN_COUNT_LOW; it
+    // never locks), and the process is gone: nothing retries.
+    assert!(hsm.token_flags()?.contains("count low"));
+
+    // The PIN from the environment: not in argv, logs or metrics.
+    let plugin = PluginProcess::start(
+        PluginOptions::new()
+            .keyring(keyring.path())
+            .env(k, v)
+            .env("ATREST_PKCS11_PIN", USER_PIN)
+            .arg("--pkcs11-module")
+            .arg(MODULE)
+            .metrics()
+            .log("debug"),
+    )
+    .await?;
+    let client = plugin.client();
+    let made = encrypt(&client, &seed(1)).await?;
+    assert_eq!(
+        decrypt(&client, &made.ciphertext, &made.key_id).await?,
+        seed(1)
+    );
+    let _ = decrypt(
+        &client,
+        b"ATR\x02garbage-garbage-garbage-garbage",
+        &made.key_id,
+    )
+    .await;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", plugin.pid()))?;
+    assert!(!String::from_utf8_lossy(&cmdline).contains(USER_PIN));
+    let metrics = plugin.http("/metrics").await?;
+    assert!(!format!("{metrics:?}").contains(USER_PIN));
+    let healthz = plugin.http("/healthz").await?;
+    assert!(!format!("{healthz:?}").contains(USER_PIN));
+    assert!(!plugin.log().contains(USER_PIN), "{}", plugin.log());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_plugins_sharing_one_token_report_the_same_key_id_and_read_each_other() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let copy = dir.path().join("copy.json");
+    std::fs::copy(keyring.path(), &copy)?;
+    let a = PluginProcess::start(plugin_options(&hsm, keyring.path())).await?;
+    let b = PluginProcess::start(plugin_options(&hsm, &copy)).await?;
+    let (ka, kb) = (a.status().await?.key_id, b.status().await?.key_id);
+    assert_eq!(ka, kb);
+    let made = encrypt(&a.client(), &seed(5)).await?;
+    assert_eq!(made.key_id, ka);
+    assert_eq!(
+        decrypt(&b.client(), &made.ciphertext, &made.key_id).await?,
+        seed(5)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_keyring_moves_from_a_local_kek_to_a_token_kek_without_losing_data() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let (keyring, local_key_id) = Keyring::init(dir.path().join("keyring.json")).await?;
+    // A plugin configured for the token while its keyring is still all local.
+    let plugin = PluginProcess::start(plugin_options(&hsm, keyring.path())).await?;
+    let client = plugin.client();
+    let old = encrypt(&client, &seed(1)).await?;
+    assert_eq!(old.key_id, local_key_id);
+    assert_eq!(old.ciphertext[3], 1, "a local KEK writes format version 1");
+
+    let n = hsm.add_key(&keyring, &["--pkcs11-token", "atrest"]).await?;
+    let hsm_key_id = keyring.promote(n).await?;
+    assert_eq!(
+        plugin.wait_for_key_id_change(&local_key_id).await?,
+        hsm_key_id
+    );
+    let new = encrypt(&client, &seed(2)).await?;
+    assert_eq!(new.key_id, hsm_key_id);
+    assert_eq!(new.ciphertext[3], 2, "a token KEK writes format version 2");
+    assert_eq!(
+        decrypt(&client, &old.ciphertext, &old.key_id).await?,
+        seed(1)
+    );
+    assert_eq!(
+        decrypt(&client, &new.ciphertext, &new.key_id).await?,
+        seed(2)
+    );
+    // A version-1 header under the token KEK's key_id is refused, not tried.
+    let mut relabelled = new.ciphertext.clone();
+    relabelled[3] = 1;
+    let refused = decrypt(&client, &relabelled, &new.key_id)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    // Every local value re-encrypted (the rotator's job); the local KEK goes.
+    keyring.retire(1).await?;
+    eventually(WAIT, "the plugin to drop the local KEK", || {
+        let client = client.clone();
+        let old = old.clone();
+        async move {
+            match decrypt(&client, &old.ciphertext, &old.key_id).await {
+                Err(s) if s.code() == Code::FailedPrecondition => Ok(Some(())),
+                _ => Ok(None),
+            }
+        }
+    })
+    .await?;
+    assert_eq!(
+        decrypt(&client, &new.ciphertext, &new.key_id).await?,
+        seed(2)
+    );
+    assert_eq!(plugin.status().await?.healthz, "ok");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_callers_than_sessions_all_finish_answered_or_unavailable() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let plugin = PluginProcess::start(
+        plugin_options(&hsm, keyring.path())
+            .arg("--pkcs11-max-sessions")
+            .arg("2")
+            .arg("--pkcs11-session-wait")
+            .arg("200ms")
+            .arg("--worker-threads")
+            .arg("4"),
+    )
+    .await?;
+    let client = plugin.client();
+    let made = encrypt(&client, &seed(3)).await?;
+    let mut calls = Vec::new();
+    for _ in 0..64 {
+        let (client, made) = (client.clone(), made.clone());
+        calls.push(tokio::spawn(async move {
+            // A bound far above any wait the plugin may impose: a deadlock
+            // fails here instead of hanging the suite.
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                decrypt(&client, &made.ciphertext, &made.key_id),
+            )
+            .await
+        }));
+    }
+    let (mut answered, mut busy) = (0, 0);
+    for call in calls {
+        match call.await? {
+            Err(_) => anyhow::bail!("a Decrypt never finished: deadlock"),
+            Ok(Ok(plaintext)) => {
+                ensure!(plaintext == seed(3));
+                answered += 1;
+            }
+            Ok(Err(status)) => {
+                ensure!(
+                    status.code() == Code::Unavailable
+                        && status.message().contains("sessions stayed busy"),
+                    "unexpected refusal {status:?}"
+                );
+                busy += 1;
+            }
+        }
+    }
+    println!(
+        "64 concurrent Decrypts over 2 sessions: {answered} answered, {busy} unavailable (busy)"
+    );
+    ensure!(answered > 0);
     Ok(())
 }
