@@ -481,3 +481,84 @@ async fn more_callers_than_sessions_all_finish_answered_or_unavailable() -> Resu
     ensure!(answered > 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_goes_away_gives_unavailable_and_serves_again_when_back() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let (keyring, local_key_id) = Keyring::init(dir.path().join("keyring.json")).await?;
+    let plugin = PluginProcess::start(
+        plugin_options(&hsm, keyring.path())
+            .arg("--self-test-interval")
+            .arg("200ms"),
+    )
+    .await?;
+    let client = plugin.client();
+    let local = encrypt(&client, &seed(1)).await?;
+    let n = hsm.add_key(&keyring, &["--pkcs11-token", "atrest"]).await?;
+    keyring.promote(n).await?;
+    plugin.wait_for_key_id_change(&local_key_id).await?;
+    let token = encrypt(&client, &seed(2)).await?;
+
+    // SoftHSM2 keeps its tokens as files: moving the directory away is the
+    // closest it has to pulling the token. Its objects vanish at once (their
+    // handles become invalid) and it sees them again only after the module is
+    // re-initialised, which the plugin's reconnect does.
+    let away = hsm.tokens().with_extension("away");
+    std::fs::rename(hsm.tokens(), &away)?;
+    let status = eventually(
+        WAIT,
+        "Decrypt under the token KEK to fail UNAVAILABLE",
+        || {
+            let (client, token) = (client.clone(), token.clone());
+            async move {
+                match decrypt(&client, &token.ciphertext, &token.key_id).await {
+                    Err(s) if s.code() == Code::Unavailable => Ok(Some(s)),
+                    _ => Ok(None),
+                }
+            }
+        },
+    )
+    .await?;
+    assert!(status.message().contains("atrest"), "{status:?}");
+    let refused = encrypt(&client, &seed(3)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let healthz = eventually(WAIT, "healthz to name the token", || {
+        let plugin = &plugin;
+        async move {
+            let h = plugin.status().await?.healthz;
+            Ok((h != "ok").then_some(h))
+        }
+    })
+    .await?;
+    assert!(healthz.contains("token \"atrest\""), "{healthz}");
+    // The local KEK of the mixed keyring keeps working meanwhile.
+    assert_eq!(
+        decrypt(&client, &local.ciphertext, &local.key_id).await?,
+        seed(1)
+    );
+
+    std::fs::rename(&away, hsm.tokens())?;
+    eventually(WAIT, "the token KEK to serve again", || {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            Ok(decrypt(&client, &token.ciphertext, &token.key_id)
+                .await
+                .ok()
+                .filter(|p| *p == seed(2)))
+        }
+    })
+    .await?;
+    eventually(WAIT, "healthz ok again", || {
+        let plugin = &plugin;
+        async move { Ok((plugin.status().await?.healthz == "ok").then_some(())) }
+    })
+    .await?;
+    let again = encrypt(&client, &seed(4)).await?;
+    assert_eq!(
+        decrypt(&client, &again.ciphertext, &again.key_id).await?,
+        seed(4)
+    );
+    assert!(!plugin.log().contains("panicked"), "{}", plugin.log());
+    Ok(())
+}

@@ -200,8 +200,7 @@ impl KekSet for Keyring {
                 )
                 .map_err(|_| EncryptError::Cipher)?,
             Cipher::Token(key) => key
-                .token
-                .encrypt(key.handle, &nonce.into(), &aad, plaintext)
+                .encrypt(&nonce.into(), &aad, plaintext)
                 .map_err(|e| EncryptError::Unavailable(e.to_string()))?,
         };
         let mut out = Vec::with_capacity(header.len() + nonce.len() + sealed.len());
@@ -243,7 +242,7 @@ impl KekSet for Keyring {
             Cipher::Token(key) => {
                 let mut iv = [0u8; envelope::NONCE_LEN];
                 iv.copy_from_slice(env.nonce);
-                match key.token.decrypt(key.handle, &iv, &aad, env.sealed) {
+                match key.decrypt(&iv, &aad, env.sealed) {
                     Ok(Some(plaintext)) => Ok(plaintext),
                     Ok(None) => Err(DecryptError::Authentication),
                     Err(e) => Err(DecryptError::Unavailable(e.to_string())),

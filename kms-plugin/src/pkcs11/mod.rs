@@ -212,6 +212,9 @@ pub enum HsmError {
         /// The key label.
         label: String,
     },
+    /// The token went away and is not back yet (the words say why).
+    #[error("{0}")]
+    Gone(String),
     /// Every session stayed busy for the whole wait.
     #[error("all {max} PKCS#11 sessions stayed busy for {wait:?}")]
     Busy {
@@ -250,7 +253,10 @@ fn rv_gone(rv: RvError) -> bool {
 /// One token, logged in, with its session pool.
 pub struct Token {
     ctx: Pkcs11,
-    slot: Slot,
+    /// The token's slot (found again when the module is re-initialised).
+    slot: Mutex<Slot>,
+    serial: Option<String>,
+    module: PathBuf,
     label: String,
     /// Keeps the login: PKCS#11 logs the application out of a token when its
     /// last session closes.
@@ -294,40 +300,13 @@ impl Token {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => return Err(module_err(format!("C_Initialize failed: {}", short(&e)))),
         }
-        let call = |e: CkError| call_error(label, e);
-        let mut found = None;
-        for slot in ctx.get_slots_with_token().map_err(call)? {
-            let info = ctx.get_token_info(slot).map_err(call)?;
-            if info.label().trim_end() == label
-                && serial.is_none_or(|s| info.serial_number().trim_end() == s)
-            {
-                found = Some(slot);
-                break;
-            }
-        }
-        let slot = found.ok_or_else(|| HsmError::TokenNotFound {
-            token: label.to_owned(),
-            serial: serial.map(str::to_owned),
-            module: config.module.clone(),
-        })?;
-        let session = ctx.open_rw_session(slot).map_err(call)?;
-        match session.login(UserType::User, Some(&config.pin.auth())) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                return Err(HsmError::PinIncorrect {
-                    token: label.to_owned(),
-                });
-            }
-            Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                return Err(HsmError::PinLocked {
-                    token: label.to_owned(),
-                });
-            }
-            Err(e) => return Err(call(e)),
-        }
+        let slot = find_slot(&ctx, label, serial, &config.module)?;
+        let session = login(&ctx, slot, label, &config.pin)?;
         Ok(Token {
             ctx,
-            slot,
+            slot: Mutex::new(slot),
+            serial: serial.map(str::to_owned),
+            module: config.module.clone(),
             label: label.to_owned(),
             _login: Mutex::new(session),
             pool: Mutex::new(PoolState::default()),
@@ -340,6 +319,57 @@ impl Token {
     /// The token label.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// After the token went away: drops the idle sessions and, when the login
+    /// session no longer answers, opens a new one and logs in again (once; a
+    /// refused PIN is reported as such and must not be retried).
+    pub fn relogin(&self, pin: &Pin) -> Result<(), HsmError> {
+        {
+            let mut state = lock(&self.pool);
+            state.open = state.open.saturating_sub(state.idle.len());
+            state.idle.clear();
+        }
+        let mut session = lock(&self._login);
+        if session.get_session_info().is_ok() {
+            return Ok(());
+        }
+        let slot = *lock(&self.slot);
+        *session = login(&self.ctx, slot, &self.label, pin)?;
+        Ok(())
+    }
+
+    /// The last resort of a reconnect: finalises and initialises the module
+    /// again (some modules, SoftHSM2 among them, only see a token that came
+    /// back after that), finds the token's slot again and logs in once.
+    /// Every session and handle of the module becomes invalid: callers find
+    /// their keys again. With several tokens behind one module, each
+    /// re-initialisation invalidates the others' sessions too (they
+    /// reconnect the same way).
+    pub fn reinitialize(&self, pin: &Pin) -> Result<(), HsmError> {
+        let mut session = lock(&self._login);
+        {
+            let mut state = lock(&self.pool);
+            state.open = state.open.saturating_sub(state.idle.len());
+            state.idle.clear();
+        }
+        let _ = self.ctx.clone().finalize();
+        match self
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => {
+                return Err(HsmError::Module {
+                    path: self.module.clone(),
+                    reason: format!("C_Initialize failed: {}", short(&e)),
+                });
+            }
+        }
+        let slot = find_slot(&self.ctx, &self.label, self.serial.as_deref(), &self.module)?;
+        *lock(&self.slot) = slot;
+        *session = login(&self.ctx, slot, &self.label, pin)?;
+        Ok(())
     }
 
     /// The most sessions ever open at once for crypto calls.
@@ -364,7 +394,8 @@ impl Token {
                     state.open += 1;
                     state.peak = state.peak.max(state.open);
                     drop(state);
-                    match self.ctx.open_ro_session(self.slot) {
+                    let slot = *lock(&self.slot);
+                    match self.ctx.open_ro_session(slot) {
                         Ok(s) => break s,
                         Err(e) => {
                             lock(&self.pool).open -= 1;
@@ -586,6 +617,47 @@ impl Token {
                 Err(e) => Err(e),
             }
         })
+    }
+}
+
+/// The slot holding the token labelled `label` (and `serial`).
+fn find_slot(
+    ctx: &Pkcs11,
+    label: &str,
+    serial: Option<&str>,
+    module: &Path,
+) -> Result<Slot, HsmError> {
+    let call = |e: CkError| call_error(label, e);
+    for slot in ctx.get_slots_with_token().map_err(call)? {
+        let info = ctx.get_token_info(slot).map_err(call)?;
+        if info.label().trim_end() == label
+            && serial.is_none_or(|s| info.serial_number().trim_end() == s)
+        {
+            return Ok(slot);
+        }
+    }
+    Err(HsmError::TokenNotFound {
+        token: label.to_owned(),
+        serial: serial.map(str::to_owned),
+        module: module.to_owned(),
+    })
+}
+
+/// Opens a read-write session and logs the user in: one attempt, a refused
+/// PIN reported as such.
+fn login(ctx: &Pkcs11, slot: Slot, label: &str, pin: &Pin) -> Result<Session, HsmError> {
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(|e| call_error(label, e))?;
+    match session.login(UserType::User, Some(&pin.auth())) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::PinIncorrect {
+            token: label.to_owned(),
+        }),
+        Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(HsmError::PinLocked {
+            token: label.to_owned(),
+        }),
+        Err(e) => Err(call_error(label, e)),
     }
 }
 
