@@ -4,8 +4,10 @@
 //! 32-byte DEK seeds under a KEK from the local keyring file. Start reading at
 //! [`serve::serve`] (the daemon), [`service`] (the three RPCs), [`keyring`]
 //! (the snapshot of KEKs in service; the file itself, key_ids and the
-//! successor check are the `keyring` crate's) and [`envelope`] (the
-//! ciphertext format).
+//! successor check are the `keyring` crate's), [`envelope`] (the
+//! ciphertext format) and [`pkcs11`] (KEKs kept in a PKCS#11 token: the
+//! `keyring add --pkcs11-…` command, the session pool, the check value and
+//! reconnects).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use kms_client::{Endpoint, EndpointError};

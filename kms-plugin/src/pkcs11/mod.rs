@@ -693,3 +693,70 @@ fn call_error(token: &str, e: CkError) -> HsmError {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pin_is_read_from_its_file_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "s3cret-PIN\r\n").unwrap();
+        if std::env::var_os(PIN_ENV).is_some() {
+            // Both sources given: refused, and the PIN is not in the message.
+            let e = Pin::resolve(Some(&path)).unwrap_err().to_string();
+            assert!(!e.contains("s3cret"), "{e}");
+            return;
+        }
+        let pin = Pin::resolve(Some(&path)).unwrap();
+        assert_eq!(pin.0.as_str(), "s3cret-PIN");
+        let pin_shown = format!("{pin:?}");
+        let shown = format!(
+            "{pin_shown} {:?}",
+            ModuleConfig {
+                module: "/m.so".into(),
+                pin,
+                max_sessions: 1,
+                session_wait: Duration::from_secs(1),
+            }
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+
+        std::fs::write(&path, "\n").unwrap();
+        assert!(
+            Pin::resolve(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        let e = Pin::resolve(Some(&dir.path().join("missing"))).unwrap_err();
+        assert!(e.to_string().contains("cannot read the PIN file"), "{e}");
+        assert!(
+            Pin::resolve(None)
+                .unwrap_err()
+                .to_string()
+                .contains("no PIN")
+        );
+    }
+
+    #[test]
+    fn token_gone_codes_are_told_from_refusals() {
+        let gone = call_error(
+            "t",
+            CkError::Pkcs11(RvError::DeviceRemoved, cryptoki::context::Function::Encrypt),
+        );
+        assert!(gone.is_token_gone());
+        assert!(gone.to_string().contains("DeviceRemoved"), "{gone}");
+        let refused = call_error(
+            "t",
+            CkError::Pkcs11(
+                RvError::MechanismInvalid,
+                cryptoki::context::Function::Encrypt,
+            ),
+        );
+        assert!(!refused.is_token_gone());
+        assert!(!HsmError::PinIncorrect { token: "t".into() }.is_token_gone());
+    }
+}
