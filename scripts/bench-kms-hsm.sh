@@ -41,6 +41,10 @@ plugin_pid=$!
 "$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
   --methods encrypt,decrypt "$@"
 kill "$plugin_pid"; wait "$plugin_pid" 2>/dev/null || true; plugin_pid=""
+# The plugin's own account of the time spent inside the PKCS#11 module (the
+# rest of its CPU per call is our overhead: gRPC, envelope, pool).
+echo
+echo "plugin: $(grep -o 'PKCS#11 usage.*' "$work/plugin.log" || echo 'no PKCS#11 usage line')"
 
 echo
 echo "## Local KEK (same machine, same run)"

@@ -46,9 +46,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 tracing::error!(error = %e, "PKCS#11 token cannot be used");
                 return fail(e, EXIT_TOKEN);
             }
-            match runtime_with(worker_threads)
-                .map(|rt| rt.block_on(serve(config, shutdown_signal())))
-            {
+            let served = runtime_with(worker_threads)
+                .map(|rt| rt.block_on(serve(config, shutdown_signal())));
+            if let Some(hsm) = crate::pkcs11::serving::installed() {
+                hsm.log_stats();
+            }
+            match served {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "kms-plugin failed");

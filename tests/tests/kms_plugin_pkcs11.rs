@@ -366,6 +366,17 @@ async fn two_plugins_sharing_one_token_report_the_same_key_id_and_read_each_othe
         decrypt(&b.client(), &made.ciphertext, &made.key_id).await?,
         seed(5)
     );
+    // At its end, a plugin says what the token calls cost inside the module.
+    let mut a = a;
+    a.sigterm()?;
+    a.wait().await?;
+    let log = a.log();
+    assert!(
+        log.contains("PKCS#11 usage")
+            && log.contains("module_us_per_call")
+            && log.contains("peak_sessions"),
+        "{log}"
+    );
     Ok(())
 }
 

@@ -25,6 +25,7 @@ pub mod serving;
 pub mod setup;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -265,6 +266,21 @@ pub struct Token {
     freed: Condvar,
     max: usize,
     wait: Duration,
+    /// Crypto calls made inside the module, and the time they took there.
+    calls: AtomicU64,
+    inside_nanos: AtomicU64,
+}
+
+/// What a token's crypto calls cost inside the module (for the benchmark's
+/// split of plugin CPU into module time and our own overhead).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenStats {
+    /// Crypto calls (encrypt, decrypt, check value) made inside the module.
+    pub calls: u64,
+    /// Total wall time spent inside those module calls.
+    pub inside: Duration,
+    /// Most sessions ever open at once for crypto calls.
+    pub peak_sessions: usize,
 }
 
 impl std::fmt::Debug for Token {
@@ -313,6 +329,8 @@ impl Token {
             freed: Condvar::new(),
             max: config.max_sessions.max(1),
             wait: config.session_wait,
+            calls: AtomicU64::new(0),
+            inside_nanos: AtomicU64::new(0),
         })
     }
 
@@ -372,9 +390,13 @@ impl Token {
         Ok(())
     }
 
-    /// The most sessions ever open at once for crypto calls.
-    pub fn peak_sessions(&self) -> usize {
-        lock(&self.pool).peak
+    /// The cost of the crypto calls so far.
+    pub fn stats(&self) -> TokenStats {
+        TokenStats {
+            calls: self.calls.load(Ordering::Relaxed),
+            inside: Duration::from_nanos(self.inside_nanos.load(Ordering::Relaxed)),
+            peak_sessions: lock(&self.pool).peak,
+        }
     }
 
     /// Runs `f` on a pooled session: an idle one, a new one while fewer than
@@ -417,7 +439,11 @@ impl Token {
                 };
             }
         };
+        let started = Instant::now();
         let result = f(&session).map_err(|e| call_error(&self.label, e));
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inside_nanos.fetch_add(nanos, Ordering::Relaxed);
         let mut state = lock(&self.pool);
         if matches!(&result, Err(e) if e.is_token_gone()) {
             // A session of a vanished token is useless; close it (drop).

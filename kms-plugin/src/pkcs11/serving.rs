@@ -207,6 +207,27 @@ impl Hsm {
         Ok(token)
     }
 
+    /// Logs what every token's crypto calls cost inside the module (at the
+    /// end of `serve`): calls, time inside the module per call, peak sessions.
+    pub fn log_stats(&self) {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        for ((label, _), token) in tokens.iter() {
+            let s = token.stats();
+            let per_call_us = if s.calls == 0 {
+                0.0
+            } else {
+                s.inside.as_secs_f64() * 1e6 / s.calls as f64
+            };
+            tracing::info!(
+                token = %label,
+                calls = s.calls,
+                module_us_per_call = format!("{per_call_us:.1}"),
+                peak_sessions = s.peak_sessions,
+                "PKCS#11 usage"
+            );
+        }
+    }
+
     /// Finds the key object of KEK `kek` and verifies its check value.
     pub fn resolve(&self, kek: u32, reference: &Pkcs11Ref) -> Result<TokenKey, HsmError> {
         let token = self.token(reference)?;
