@@ -122,6 +122,13 @@ pub fn add(path: &Path) -> Result<u32, KeyringError> {
     Ok(edit(path, |k| k.add(false))?.0)
 }
 
+/// `keyring add --pkcs11-…`: adds a decrypt-only KEK kept in a PKCS#11
+/// token, by reference. The caller has found the token object and computed
+/// its check value. Returns its number.
+pub fn add_pkcs11(path: &Path, reference: crate::Pkcs11Ref) -> Result<u32, KeyringError> {
+    Ok(edit(path, |k| k.add_pkcs11(reference))?.0)
+}
+
 /// `keyring promote`: makes KEK `number` primary. Returns the listing.
 pub fn promote(path: &Path, number: u32) -> Result<Listing, KeyringError> {
     Ok(edit(path, |k| k.promote(number))?.1)

@@ -22,8 +22,10 @@
 //! - `promotions` lists the keyring-wide epochs at which a KEK became primary;
 //!   the primary is the KEK holding the highest epoch. A key_id is derived
 //!   from a KEK and one of its epochs (see [`crate::derive`]).
-//! - `material` is the KEK itself (a [`KekMaterial::Local`] key). Keys kept in
-//!   an HSM will be a sibling field naming the HSM object instead.
+//! - `material` is the KEK itself (a [`KekMaterial::Local`] key). A KEK kept
+//!   in a PKCS#11 token has a `pkcs11` object instead, naming the token
+//!   object and its public check value ([`KekMaterial::Pkcs11`], see
+//!   [`crate::pkcs11`]); exactly one of the two is present.
 //!
 //! Parsing is strict (unknown fields are refused) and its errors give
 //! positions and field paths only, never a value and never an unknown field's
@@ -39,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::KeyringError;
+use crate::pkcs11::{CHECK_LEN, MAX_ID, Pkcs11Ref, decode_hex};
 
 /// The `format` value of every keyring file this build reads and writes.
 pub const FORMAT: &str = "atrest.kms-plugin.keyring/v1";
@@ -52,17 +55,28 @@ pub const LINEAGE_LEN: usize = 16;
 pub enum KekMaterial {
     /// 32 key bytes kept in the keyring file itself.
     Local(Zeroizing<[u8; KEK_LEN]>),
+    /// A key kept in a PKCS#11 token: only its reference is here.
+    Pkcs11(Pkcs11Ref),
 }
 
 impl std::fmt::Debug for KekMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KekMaterial::Local(_) => f.write_str("Local(<redacted>)"),
+            KekMaterial::Pkcs11(r) => f.debug_tuple("Pkcs11").field(r).finish(),
         }
     }
 }
 
 impl KekMaterial {
+    /// `local` or `pkcs11`, as `keyring list` shows the kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KekMaterial::Local(_) => "local",
+            KekMaterial::Pkcs11(_) => "pkcs11",
+        }
+    }
+
     fn generate() -> Result<Self, EditError> {
         let mut bytes = Zeroizing::new([0u8; KEK_LEN]);
         getrandom::getrandom(bytes.as_mut()).map_err(|_| EditError::Random)?;
@@ -122,7 +136,22 @@ struct RawKek {
     kek: u32,
     created: String,
     promotions: Vec<u32>,
-    material: Zeroizing<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    material: Option<Zeroizing<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pkcs11: Option<RawPkcs11>,
+}
+
+/// A [`Pkcs11Ref`] as stored (hex strings).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkcs11 {
+    token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<String>,
+    key_label: String,
+    id: String,
+    check_value: String,
 }
 
 /// Why an edit was not made. Names KEKs and fields, never a value from the
@@ -207,24 +236,20 @@ impl KeyringFile {
                     ));
                 }
             }
-            let decoded = Zeroizing::new(
-                BASE64
-                    .decode(record.material.as_bytes())
-                    .map_err(|_| format!("keks[{i}].material is not standard base64"))?,
-            );
-            if decoded.len() != KEK_LEN {
-                return Err(format!(
-                    "keks[{i}].material decodes to {} bytes, want {KEK_LEN}",
-                    decoded.len()
-                ));
-            }
-            let mut key = Zeroizing::new([0u8; KEK_LEN]);
-            key.copy_from_slice(&decoded);
+            let material = match (record.material, record.pkcs11) {
+                (Some(material), None) => local_material(i, &material)?,
+                (None, Some(reference)) => pkcs11_material(i, reference)?,
+                _ => {
+                    return Err(format!(
+                        "keks[{i}] must have exactly one of material (a local KEK) and pkcs11 (a KEK in a token)"
+                    ));
+                }
+            };
             keks.push(Kek {
                 number: record.kek,
                 created: record.created,
                 promotions: record.promotions,
-                material: KekMaterial::Local(key),
+                material,
             });
         }
         if epochs.is_empty() {
@@ -332,6 +357,39 @@ impl KeyringFile {
         Ok(number)
     }
 
+    /// Adds a KEK kept in a PKCS#11 token, decrypt-only until promoted.
+    /// Refuses a reference that breaks the format, or names the same token
+    /// object as a KEK already in the keyring. Returns its number.
+    pub fn add_pkcs11(&mut self, reference: Pkcs11Ref) -> Result<u32, EditError> {
+        reference.validate("pkcs11").map_err(refused)?;
+        let same_object = |r: &Pkcs11Ref| {
+            r.token == reference.token && r.serial == reference.serial && r.id == reference.id
+        };
+        if let Some(k) = self
+            .keks
+            .iter()
+            .find(|k| matches!(&k.material, KekMaterial::Pkcs11(r) if same_object(r)))
+        {
+            return Err(refused(format!(
+                "KEK {} already names this token object (same token and CKA_ID)",
+                k.number
+            )));
+        }
+        let number = self
+            .highest_kek
+            .checked_add(1)
+            .ok_or_else(|| refused("KEK numbers are at their maximum"))?;
+        self.bump()?;
+        self.keks.push(Kek {
+            number,
+            created: now(),
+            promotions: Vec::new(),
+            material: KekMaterial::Pkcs11(reference),
+        });
+        self.highest_kek = number;
+        Ok(number)
+    }
+
     /// Makes KEK `number` primary under a new epoch (so a new key_id).
     pub fn promote(&mut self, number: u32) -> Result<(), EditError> {
         if self.primary().map(|k| k.number) == Some(number) {
@@ -378,9 +436,22 @@ impl KeyringFile {
                     kek: k.number,
                     created: k.created.clone(),
                     promotions: k.promotions.clone(),
-                    material: Zeroizing::new(match &k.material {
-                        KekMaterial::Local(key) => BASE64.encode(key.as_ref()),
-                    }),
+                    material: match &k.material {
+                        KekMaterial::Local(key) => {
+                            Some(Zeroizing::new(BASE64.encode(key.as_ref())))
+                        }
+                        KekMaterial::Pkcs11(_) => None,
+                    },
+                    pkcs11: match &k.material {
+                        KekMaterial::Local(_) => None,
+                        KekMaterial::Pkcs11(r) => Some(RawPkcs11 {
+                            token: r.token.clone(),
+                            serial: r.serial.clone(),
+                            key_label: r.key_label.clone(),
+                            id: hex::encode(&r.id),
+                            check_value: hex::encode(r.check_value),
+                        }),
+                    },
                 })
                 .collect(),
         };
@@ -408,6 +479,45 @@ impl KeyringFile {
     }
 }
 
+fn local_material(i: usize, text: &str) -> Result<KekMaterial, String> {
+    let decoded = Zeroizing::new(
+        BASE64
+            .decode(text.as_bytes())
+            .map_err(|_| format!("keks[{i}].material is not standard base64"))?,
+    );
+    if decoded.len() != KEK_LEN {
+        return Err(format!(
+            "keks[{i}].material decodes to {} bytes, want {KEK_LEN}",
+            decoded.len()
+        ));
+    }
+    let mut key = Zeroizing::new([0u8; KEK_LEN]);
+    key.copy_from_slice(&decoded);
+    Ok(KekMaterial::Local(key))
+}
+
+fn pkcs11_material(i: usize, raw: RawPkcs11) -> Result<KekMaterial, String> {
+    let at = format!("keks[{i}].pkcs11");
+    let id = decode_hex(&raw.id, &format!("{at}.id"), None, MAX_ID)?;
+    let check = decode_hex(
+        &raw.check_value,
+        &format!("{at}.check_value"),
+        Some(CHECK_LEN),
+        CHECK_LEN,
+    )?;
+    let mut check_value = [0u8; CHECK_LEN];
+    check_value.copy_from_slice(&check);
+    let reference = Pkcs11Ref {
+        token: raw.token,
+        serial: raw.serial,
+        key_label: raw.key_label,
+        id,
+        check_value,
+    };
+    reference.validate(&at)?;
+    Ok(KekMaterial::Pkcs11(reference))
+}
+
 fn new_lineage() -> Result<String, EditError> {
     let mut bytes = [0u8; LINEAGE_LEN];
     getrandom::getrandom(&mut bytes).map_err(|_| EditError::Random)?;
@@ -429,6 +539,7 @@ mod tests {
     fn key(k: &Kek) -> [u8; KEK_LEN] {
         match k.material() {
             KekMaterial::Local(b) => **b,
+            KekMaterial::Pkcs11(_) => panic!("a local KEK was expected"),
         }
     }
 
@@ -572,6 +683,96 @@ mod tests {
             assert!(err.contains(want), "{err} lacks {want}");
             assert!(!err.contains(&secret), "{err} leaks material");
             assert!(!err.contains(&secret[..8]), "{err} leaks part of it");
+        }
+    }
+
+    fn token_ref() -> Pkcs11Ref {
+        Pkcs11Ref {
+            token: "atrest".into(),
+            serial: Some("0123abcd".into()),
+            key_label: "atrest-kek".into(),
+            id: vec![0xa1, 0xb2],
+            check_value: [0x5c; CHECK_LEN],
+        }
+    }
+
+    #[test]
+    fn token_keks_round_trip_beside_local_ones() {
+        let mut k = KeyringFile::new_with_primary().unwrap();
+        let n = k.add_pkcs11(token_ref()).unwrap();
+        assert_eq!(n, 2);
+        assert!(k.primary().unwrap().number == 1, "added decrypt-only");
+        let e = k.add_pkcs11(token_ref()).unwrap_err().to_string();
+        assert!(e.contains("KEK 2 already names this token object"), "{e}");
+        k.promote(2).unwrap();
+        let bytes = k.to_bytes();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(
+            text.contains("\"pkcs11\"") && text.contains("5c5c5c"),
+            "{text}"
+        );
+        let back = KeyringFile::parse(p(), &bytes).unwrap();
+        assert_eq!(back.primary().unwrap().number, 2);
+        match back.keks()[1].material() {
+            KekMaterial::Pkcs11(r) => assert_eq!(r, &token_ref()),
+            KekMaterial::Local(_) => panic!("kind lost"),
+        }
+        assert_eq!(back.keks()[0].material().kind(), "local");
+        let mut bad = token_ref();
+        bad.token = String::new();
+        assert!(
+            k.add_pkcs11(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("pkcs11.token")
+        );
+    }
+
+    #[test]
+    fn bad_token_references_name_the_field_and_never_echo_a_value() {
+        let good = KeyringFile::new_with_primary().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&good.to_bytes()).unwrap();
+        let secret = json["keks"][0]["material"].as_str().unwrap().to_owned();
+        let kek = |pkcs11: serde_json::Value, material: Option<&str>| {
+            let mut k = serde_json::json!({"kek": 1, "created": "2026-01-01T00:00:00Z", "promotions": [1], "pkcs11": pkcs11});
+            if let Some(m) = material {
+                k["material"] = m.into();
+            }
+            serde_json::json!({"format": FORMAT, "generation": 1, "keks": [k]})
+        };
+        let ok = serde_json::json!({"token": "t", "key_label": "l", "id": "01", "check_value": "00".repeat(16)});
+        assert!(KeyringFile::parse(p(), kek(ok.clone(), None).to_string().as_bytes()).is_ok());
+        let with = |field: &str, v: serde_json::Value| {
+            let mut o = ok.clone();
+            o[field] = v;
+            kek(o, None)
+        };
+        let cases = vec![
+            (kek(ok.clone(), Some(&secret)), "exactly one of material"),
+            (with("token", secret.clone().into()), "keks[0].pkcs11.token"),
+            (
+                with("serial", format!("{secret}{secret}").into()),
+                "keks[0].pkcs11.serial",
+            ),
+            (
+                with("key_label", format!("{secret}\n").into()),
+                "keks[0].pkcs11.key_label",
+            ),
+            (with("id", secret.clone().into()), "keks[0].pkcs11.id"),
+            (with("id", "".into()), "keks[0].pkcs11.id must be 1 to"),
+            (
+                with("check_value", "00".into()),
+                "keks[0].pkcs11.check_value must be 16 bytes",
+            ),
+            (with("check_value", "AB".repeat(16).into()), "lowercase"),
+            (with(&secret, "x".into()), "unknown field"),
+        ];
+        for (value, want) in cases {
+            let err = KeyringFile::parse(p(), value.to_string().as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err} lacks {want}");
+            assert!(!err.contains(&secret[..8]), "{err} leaks a value");
         }
     }
 

@@ -5,7 +5,8 @@
 //! [`edit`] (the `keyring init/rotate/add/promote/retire/list` commands with
 //! their lock), [`Listing`] (the one `keyring list --output json` schema) and
 //! [`check_successor`] (may a new file replace the one in service?).
-//! [`derive`] holds every derivation from a KEK: the public key_id and
+//! [`pkcs11`] describes KEKs kept in a PKCS#11 token (the file holds only a
+//! reference and a public check value). [`derive`] holds every derivation from a KEK: the public key_id and
 //! fingerprint and the secret encryption key. The ciphers, the ciphertext
 //! envelope and the serving snapshot live in `kms-plugin`, which serves.
 //!
@@ -58,6 +59,7 @@ pub mod derive;
 pub mod edit;
 pub mod file;
 pub mod listing;
+pub mod pkcs11;
 pub mod successor;
 
 use std::io;
@@ -68,7 +70,8 @@ use thiserror::Error;
 use zeroize::Zeroizing;
 
 pub use file::{EditError, FORMAT, KEK_LEN, Kek, KekMaterial, KeyringFile};
-pub use listing::{KekInfo, KekState, LISTING_FORMAT, Listing};
+pub use listing::{KekInfo, KekState, LISTING_FORMAT, Listing, Pkcs11Info};
+pub use pkcs11::Pkcs11Ref;
 pub use successor::{Dropped, Refusal, check_successor};
 
 /// Largest keyring file read (a keyring is a few KiB).

@@ -13,17 +13,23 @@
 //!     { "kek": 1, "state": "decrypt-only", "created": "…", "fingerprint": "hkdf-sha256:…",
 //!       "key_id": "atrest-v1-k1-e1-…", "key_ids": ["atrest-v1-k1-e1-…"] },
 //!     { "kek": 2, "state": "primary", "created": "…", "fingerprint": "hkdf-sha256:…",
-//!       "key_id": "atrest-v1-k2-e2-…", "key_ids": ["atrest-v1-k2-e2-…"] }
+//!       "key_id": "atrest-v1-k2-e2-…", "key_ids": ["atrest-v1-k2-e2-…"],
+//!       "kind": "pkcs11", "pkcs11": { "token": "atrest", "key_label": "…", "id": "…", "check_value": "…" } }
 //!   ]
 //! }
 //! ```
+//! `kind` is `local` (key bytes in the file) or `pkcs11` (a reference to a
+//! token key, shown in `pkcs11`: all public). Both were added without a
+//! format change: a reader that predates them ignores them, and a listing
+//! without them reads as local KEKs.
+//!
 //! `format` changes whenever a field changes meaning or goes away; a reader
 //! refuses a format it does not know rather than guess.
 
 use serde::{Deserialize, Serialize};
 
 use crate::derive;
-use crate::file::KeyringFile;
+use crate::file::{KekMaterial, KeyringFile};
 
 /// The `format` of every listing this build prints.
 pub const LISTING_FORMAT: &str = "atrest.keyring.list/v1";
@@ -79,6 +85,28 @@ pub struct KekInfo {
     /// Every key_id it ever had, oldest first.
     #[serde(default)]
     pub key_ids: Vec<String>,
+    /// `local` or `pkcs11` (empty in listings that predate it: local).
+    #[serde(default)]
+    pub kind: String,
+    /// Where a token KEK is (public); `None` for a local KEK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<Pkcs11Info>,
+}
+
+/// The public reference of a KEK kept in a PKCS#11 token, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pkcs11Info {
+    /// Token label.
+    pub token: String,
+    /// Token serial, when pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// The key object's `CKA_LABEL`.
+    pub key_label: String,
+    /// The key object's `CKA_ID`, hex.
+    pub id: String,
+    /// The public check value, hex (see [`crate::pkcs11`]).
+    pub check_value: String,
 }
 
 /// A keyring as `keyring list` shows it.
@@ -126,6 +154,17 @@ impl Listing {
                     fingerprint: derive::fingerprint(k.material()),
                     key_id: key_ids.last().cloned(),
                     key_ids,
+                    kind: k.material().kind().into(),
+                    pkcs11: match k.material() {
+                        KekMaterial::Pkcs11(r) => Some(Pkcs11Info {
+                            token: r.token.clone(),
+                            serial: r.serial.clone(),
+                            key_label: r.key_label.clone(),
+                            id: hex::encode(&r.id),
+                            check_value: hex::encode(r.check_value),
+                        }),
+                        _ => None,
+                    },
                 }
             })
             .collect();
@@ -191,6 +230,20 @@ impl Listing {
             );
             for old in k.key_ids.iter().rev().skip(1) {
                 let _ = writeln!(out, "{:<41} {old} (earlier)", "");
+            }
+            if let Some(p) = &k.pkcs11 {
+                let _ = writeln!(
+                    out,
+                    "{:<5} in PKCS#11 token {:?}{}, key label {:?}, CKA_ID {}",
+                    "",
+                    p.token,
+                    p.serial
+                        .as_deref()
+                        .map(|s| format!(" (serial {s})"))
+                        .unwrap_or_default(),
+                    p.key_label,
+                    p.id
+                );
             }
         }
         out

@@ -195,6 +195,36 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_token_reference_or_check_value_is_changed_material() {
+        let mut f = KeyringFile::new_with_primary().unwrap();
+        f.add_pkcs11(crate::Pkcs11Ref {
+            token: "atrest".into(),
+            serial: None,
+            key_label: "kek".into(),
+            id: vec![1],
+            check_value: [7; 16],
+        })
+        .unwrap();
+        let before = listing(&f);
+        let v: serde_json::Value = serde_json::from_slice(&f.to_bytes()).unwrap();
+        for (field, value) in [
+            ("check_value", serde_json::json!("08".repeat(16))),
+            ("id", serde_json::json!("02")),
+            ("token", serde_json::json!("other")),
+            ("key_label", serde_json::json!("other")),
+        ] {
+            let mut edited = v.clone();
+            edited["keks"][1]["pkcs11"][field] = value;
+            let edited = KeyringFile::parse(Path::new("k"), edited.to_string().as_bytes()).unwrap();
+            assert_eq!(
+                check_successor(&before, &listing(&edited)),
+                Err(Refusal::MaterialChanged { kek: 2 }),
+                "{field}"
+            );
+        }
+    }
+
+    #[test]
     fn lineage_may_be_gained_but_not_lost() {
         let mut with = KeyringFile::new_with_primary().unwrap();
         let mut without = KeyringFile::new_with_primary().unwrap();

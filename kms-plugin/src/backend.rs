@@ -27,6 +27,11 @@ pub trait KekSet: Send + Sync {
     fn decrypt(&self, key_id: &str, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, DecryptError>;
     /// How many KEKs the set holds.
     fn kek_count(&self) -> usize;
+    /// Whether calls may block on I/O (a KEK in a PKCS#11 token): the
+    /// service then runs them off the async workers.
+    fn blocks(&self) -> bool {
+        false
+    }
 }
 
 /// Why Encrypt failed.
@@ -41,6 +46,10 @@ pub enum EncryptError {
     /// The cipher refused (cannot happen for valid lengths).
     #[error("encryption failed")]
     Cipher,
+    /// The token holding the primary KEK cannot be used now (gone, or every
+    /// session busy); the words say which.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Why Decrypt refused. Never includes the ciphertext or the plaintext.
@@ -63,4 +72,14 @@ pub enum DecryptError {
     /// Tampered, or not encrypted under this key_id.
     #[error("ciphertext failed authentication: tampered, or not produced under this key_id")]
     Authentication,
+    /// The header's format version is for another kind of KEK than the one
+    /// the key_id names.
+    #[error("ciphertext format version {version} does not match the kind of KEK its key_id names")]
+    KindMismatch {
+        /// The version in the header.
+        version: u8,
+    },
+    /// The token holding the KEK cannot be used now; the words say why.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -24,6 +24,8 @@ cli_kit::exit_codes! {
                         keyring: the file could not be read, edited or written)",
         /// Bad flags.
         Usage = 2 => "usage error",
+        /// The PKCS#11 module, token or PIN cannot be used.
+        Token = 3 => "the PKCS#11 module, token or PIN cannot be used (a refused PIN is never retried)",
     }
 }
 
@@ -35,6 +37,8 @@ pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// The shortest `--idle-timeout`: below it, connections between calls of a
 /// busy client would be closed and reopened.
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The shortest `--pkcs11-session-wait`.
+pub const MIN_SESSION_WAIT: Duration = Duration::from_millis(10);
 
 fn after_help() -> String {
     format!(
@@ -85,7 +89,9 @@ pub enum KeyringCommand {
     /// Add a new KEK and make it primary; old KEKs stay for decrypt. Prints the new key_id.
     Rotate(KeyringPath),
     /// Add a new decrypt-only KEK (promote it later, once every host has it). Prints its number.
-    Add(KeyringPath),
+    /// With --pkcs11-token, the KEK is a key in a PKCS#11 token (generated or adopted); the
+    /// keyring holds only its reference and public check value.
+    Add(AddArgs),
     /// Make KEK N primary; it gets a key_id never used before. Prints that key_id.
     Promote {
         /// `--keyring PATH`.
@@ -113,6 +119,43 @@ pub enum KeyringCommand {
         #[arg(long, value_enum, default_value_t = ListFormat::Text)]
         output: ListFormat,
     },
+}
+
+/// `keyring add` flags.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    /// The keyring file.
+    pub path: KeyringPath,
+    /// Put the KEK in this PKCS#11 token (its label) instead of the keyring file.
+    #[arg(long, value_name = "LABEL")]
+    pub pkcs11_token: Option<String>,
+    /// The token's serial number, when several tokens share the label.
+    #[arg(long, value_name = "SERIAL", requires = "pkcs11_token")]
+    pub pkcs11_serial: Option<String>,
+    /// The key object's label (default for --generate: atrest-kek-<CKA_ID prefix>).
+    #[arg(long, value_name = "LABEL", requires = "pkcs11_token")]
+    pub pkcs11_key_label: Option<String>,
+    /// Generate a new non-extractable AES-256 key in the token (the default).
+    #[arg(long, requires = "pkcs11_token", conflicts_with = "adopt")]
+    pub generate: bool,
+    /// Adopt the existing AES key labelled --pkcs11-key-label.
+    #[arg(long, requires_all = ["pkcs11_token", "pkcs11_key_label"])]
+    pub adopt: bool,
+    #[command(flatten)]
+    /// Module and PIN.
+    pub module: Pkcs11ModuleArgs,
+}
+
+/// The PKCS#11 module and PIN (never on the command line).
+#[derive(Debug, Args)]
+pub struct Pkcs11ModuleArgs {
+    /// The PKCS#11 module (shared library) of the HSM client.
+    #[arg(long, value_name = "PATH", env = "ATREST_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// A file holding the token user PIN (else the ATREST_PKCS11_PIN environment variable).
+    #[arg(long, value_name = "PATH")]
+    pub pkcs11_pin_file: Option<PathBuf>,
 }
 
 /// `keyring list --output`.
@@ -166,6 +209,27 @@ pub struct ServeArgs {
     /// tens of thousands of calls a second; more threads cost CPU in wakeups.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub worker_threads: usize,
+    /// KEKs kept in a PKCS#11 token.
+    #[command(flatten)]
+    pub pkcs11: Pkcs11ServeArgs,
+}
+
+/// `serve` flags for KEKs kept in a PKCS#11 token.
+#[derive(Debug, Args)]
+pub struct Pkcs11ServeArgs {
+    #[command(flatten)]
+    /// Module and PIN.
+    pub module: Pkcs11ModuleArgs,
+    /// Most token sessions open at once for Encrypt/Decrypt. An apiserver
+    /// restart decrypts every DEK seed it holds at once; 16 sessions keep a
+    /// token busy without exhausting its session table (HSMs allow a few
+    /// hundred per client; several plugins may share one).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub pkcs11_max_sessions: usize,
+    /// How long a call waits for a free session before failing with UNAVAILABLE
+    /// (at least 10ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = at_least(MIN_SESSION_WAIT))]
+    pub pkcs11_session_wait: Duration,
 }
 
 /// `probe` flags.

@@ -3,7 +3,7 @@
 //! ```text
 //! offset  size  field
 //! 0       3     magic "ATR"
-//! 3       1     format version (1)
+//! 3       1     format version: 1 = a local KEK, 2 = a KEK in a PKCS#11 token
 //! 4       4     KEK number, big-endian u32
 //! 8       12    AES-GCM nonce (random per call)
 //! 20      n+16  AES-256-GCM(ciphertext of n plaintext bytes ‖ tag)
@@ -11,13 +11,22 @@
 //! The associated data is the 8-byte header followed by the `key_id` bytes, so a
 //! ciphertext is bound to the key_id it was returned with: presenting it under
 //! any other key_id (even one of the same KEK) fails authentication.
+//!
+//! Both versions have the same layout; the version says which kind of KEK
+//! made the ciphertext (local: AES-256-GCM in this process under a key
+//! derived from the keyring file; token: AES-256-GCM inside the token,
+//! `CKM_AES_GCM` with our random 12-byte IV and a 128-bit tag), so a
+//! ciphertext is never handed to the wrong kind of key. Version 1
+//! ciphertexts are exactly what earlier builds wrote.
 
 use thiserror::Error;
 
 /// The first bytes of every ciphertext this plugin writes.
 pub const MAGIC: [u8; 3] = *b"ATR";
-/// The only format version this plugin writes and reads.
+/// The format version of ciphertexts made with a local KEK.
 pub const VERSION: u8 = 1;
+/// The format version of ciphertexts made with a KEK in a PKCS#11 token.
+pub const VERSION_TOKEN: u8 = 2;
 /// Header: magic, version, KEK number.
 pub const HEADER_LEN: usize = MAGIC.len() + 1 + 4;
 /// AES-GCM nonce length.
@@ -44,7 +53,9 @@ pub enum EnvelopeError {
     #[error("ciphertext was not produced by atrest kms-plugin (unknown magic)")]
     Foreign,
     /// A version this build does not read.
-    #[error("ciphertext format version {0} is not supported (this build reads version {VERSION})")]
+    #[error(
+        "ciphertext format version {0} is not supported (this build reads versions {VERSION} and {VERSION_TOKEN})"
+    )]
     UnsupportedVersion(u8),
     /// Cut short.
     #[error("ciphertext is truncated: {0} bytes, at least {min} needed", min = OVERHEAD)]
@@ -54,6 +65,8 @@ pub enum EnvelopeError {
 /// A parsed, not yet authenticated ciphertext. Borrowed from the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Envelope<'a> {
+    /// The format version: [`VERSION`] (local KEK) or [`VERSION_TOKEN`].
+    pub version: u8,
     /// The KEK number the writer used.
     pub kek: u32,
     /// The 8-byte header, part of the associated data.
@@ -77,7 +90,7 @@ impl<'a> Envelope<'a> {
         if !bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
             return Err(EnvelopeError::Foreign);
         }
-        if bytes.len() > MAGIC.len() && bytes[MAGIC.len()] != VERSION {
+        if bytes.len() > MAGIC.len() && ![VERSION, VERSION_TOKEN].contains(&bytes[MAGIC.len()]) {
             return Err(EnvelopeError::UnsupportedVersion(bytes[MAGIC.len()]));
         }
         // The tag must be there and at least one byte of plaintext.
@@ -88,6 +101,7 @@ impl<'a> Envelope<'a> {
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let kek = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
         Ok(Envelope {
+            version: header[3],
             kek,
             header,
             nonce,
@@ -95,11 +109,16 @@ impl<'a> Envelope<'a> {
         })
     }
 
-    /// The header a writer puts in front of a ciphertext made with `kek`.
+    /// The header a writer puts in front of a ciphertext made with local KEK `kek`.
     pub fn header_for(kek: u32) -> [u8; HEADER_LEN] {
+        Self::header_with(VERSION, kek)
+    }
+
+    /// The header of a ciphertext of format `version` made with `kek`.
+    pub fn header_with(version: u8, kek: u32) -> [u8; HEADER_LEN] {
         let n = kek.to_be_bytes();
         [
-            MAGIC[0], MAGIC[1], MAGIC[2], VERSION, n[0], n[1], n[2], n[3],
+            MAGIC[0], MAGIC[1], MAGIC[2], version, n[0], n[1], n[2], n[3],
         ]
     }
 }
@@ -138,8 +157,8 @@ mod tests {
         assert_eq!(Envelope::parse(b"k8s:enc:"), Err(EnvelopeError::Foreign));
         assert_eq!(Envelope::parse(b"AT"), Err(EnvelopeError::Truncated(2)));
         assert_eq!(
-            Envelope::parse(b"ATR\x02rest"),
-            Err(EnvelopeError::UnsupportedVersion(2))
+            Envelope::parse(b"ATR\x03rest"),
+            Err(EnvelopeError::UnsupportedVersion(3))
         );
         for len in 1..=OVERHEAD {
             let bytes = sample(len);

@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use cli_kit::logging::{LogSettings, init as init_logging};
 
-use crate::cli::{Cli, Command, Exit, KeyringCommand, ListFormat, LogFormat, parse_endpoint};
+use crate::cli::{
+    AddArgs, Cli, Command, Exit, KeyringCommand, ListFormat, LogFormat, parse_endpoint,
+};
+use crate::pkcs11::{ModuleConfig, Pin};
 use crate::serve::{ServeConfig, serve, shutdown_signal};
 use ::keyring::edit;
 
@@ -12,6 +15,9 @@ use ::keyring::edit;
 pub const EXIT_USAGE: Exit = Exit::Usage;
 /// Exit code for a runtime failure.
 pub const EXIT_FAILURE: Exit = Exit::Failure;
+/// Exit code when the PKCS#11 module, token or PIN cannot be used (a wrong
+/// PIN is never retried: a supervisor should not restart in a loop on this).
+pub const EXIT_TOKEN: Exit = Exit::Token;
 
 fn fail(message: impl std::fmt::Display, code: Exit) -> ExitCode {
     eprintln!("kms-plugin: {message}");
@@ -34,14 +40,28 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => {
             let format = args.log_format;
             let worker_threads = args.worker_threads;
+            let keyring_path = args.keyring.clone();
+            let pkcs11 = match crate::pkcs11::setup::from_args(&args.pkcs11) {
+                Ok(p) => p,
+                Err(e) => return fail(e, EXIT_USAGE),
+            };
             let config = match ServeConfig::try_from(args) {
                 Ok(c) => c,
                 Err(e) => return fail(e, EXIT_USAGE),
             };
             init_logging(logging(format));
-            match runtime_with(worker_threads)
-                .map(|rt| rt.block_on(serve(config, shutdown_signal())))
+            if let Some(config) = pkcs11
+                && let Err(e) = crate::pkcs11::setup::start(config, &keyring_path)
             {
+                tracing::error!(error = %e, "PKCS#11 token cannot be used");
+                return fail(e, EXIT_TOKEN);
+            }
+            let served = runtime_with(worker_threads)
+                .map(|rt| rt.block_on(serve(config, shutdown_signal())));
+            if let Some(hsm) = crate::pkcs11::serving::installed() {
+                hsm.log_stats();
+            }
+            match served {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "kms-plugin failed");
@@ -77,6 +97,44 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+fn add_pkcs11(args: AddArgs) -> ExitCode {
+    use crate::pkcs11::add::{AddRequest, Source, add};
+    let Some(module) = args.module.pkcs11_module else {
+        return fail(
+            "--pkcs11-token needs --pkcs11-module PATH (or ATREST_PKCS11_MODULE)",
+            EXIT_USAGE,
+        );
+    };
+    let pin = match Pin::resolve(args.module.pkcs11_pin_file.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail(e, EXIT_USAGE),
+    };
+    let config = ModuleConfig {
+        module,
+        pin,
+        max_sessions: 1,
+        session_wait: std::time::Duration::from_secs(10),
+    };
+    let request = AddRequest {
+        token: args.pkcs11_token.as_deref().unwrap_or_default(),
+        serial: args.pkcs11_serial.as_deref(),
+        key_label: args.pkcs11_key_label.as_deref(),
+        source: if args.adopt {
+            Source::Adopt
+        } else {
+            Source::Generate
+        },
+    };
+    match add(&args.path.keyring, &config, &request) {
+        Ok(n) => match cli_kit::output::print(&format!("{n}\n")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("cannot write to stdout: {e}"), EXIT_FAILURE),
+        },
+        Err(e) if e.is_token_trouble() => fail(e, EXIT_TOKEN),
+        Err(e) => fail(e, EXIT_FAILURE),
+    }
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     runtime_with(0)
 }
@@ -94,7 +152,16 @@ fn keyring(cmd: KeyringCommand) -> ExitCode {
     let result = match cmd {
         KeyringCommand::Init(p) => edit::init(&p.keyring).map(|l| format!("{}\n", l.key_id)),
         KeyringCommand::Rotate(p) => edit::rotate(&p.keyring).map(|l| format!("{}\n", l.key_id)),
-        KeyringCommand::Add(p) => edit::add(&p.keyring).map(|n| format!("{n}\n")),
+        KeyringCommand::Add(args) if args.pkcs11_token.is_some() => return add_pkcs11(args),
+        KeyringCommand::Add(args) => {
+            if args.module.pkcs11_pin_file.is_some() {
+                return fail(
+                    "--pkcs11-pin-file needs --pkcs11-token (a KEK in a token)",
+                    EXIT_USAGE,
+                );
+            }
+            edit::add(&args.path.keyring).map(|n| format!("{n}\n"))
+        }
         KeyringCommand::Promote { path, kek } => {
             edit::promote(&path.keyring, kek).map(|l| format!("{}\n", l.key_id))
         }

@@ -67,6 +67,7 @@ fn encrypt_status(e: &EncryptError) -> (Outcome, Status) {
             Status::invalid_argument(e.to_string()),
         ),
         EncryptError::Cipher => (Outcome::Internal, Status::internal(e.to_string())),
+        EncryptError::Unavailable(_) => (Outcome::Internal, Status::unavailable(e.to_string())),
     }
 }
 
@@ -75,6 +76,10 @@ fn decrypt_status(e: &DecryptError, key_id: &str) -> (Outcome, Status) {
         DecryptError::UnknownKeyId => (
             Outcome::UnknownKeyId,
             Status::failed_precondition(format!("key_id {}: {e}", shown(key_id))),
+        ),
+        DecryptError::Unavailable(_) => (
+            Outcome::Internal,
+            Status::unavailable(format!("key_id {key_id:?}: {e}")),
         ),
         _ => (
             Outcome::InvalidArgument,
@@ -108,7 +113,14 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
     ) -> Result<Response<EncryptResponse>, Status> {
         let started = Instant::now();
         let set = self.backend.current();
-        let result = set.encrypt(&request.get_ref().plaintext);
+        let plaintext = &request.get_ref().plaintext;
+        // A token KEK's call blocks on the token: hand this worker's other
+        // tasks to another thread meanwhile.
+        let result = if set.blocks() {
+            tokio::task::block_in_place(|| set.encrypt(plaintext))
+        } else {
+            set.encrypt(plaintext)
+        };
         match result {
             Ok(ciphertext) => {
                 let key_id = set.key_id().to_owned();
@@ -164,10 +176,13 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
                 )),
             ))
         } else {
-            self.backend
-                .current()
-                .decrypt(&req.key_id, &req.ciphertext)
-                .map_err(|e| decrypt_status(&e, &req.key_id))
+            let set = self.backend.current();
+            let result = if set.blocks() {
+                tokio::task::block_in_place(|| set.decrypt(&req.key_id, &req.ciphertext))
+            } else {
+                set.decrypt(&req.key_id, &req.ciphertext)
+            };
+            result.map_err(|e| decrypt_status(&e, &req.key_id))
         };
         match result {
             Ok(plaintext) => {

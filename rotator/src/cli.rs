@@ -349,7 +349,14 @@ fn settings(cli: &Cli, run: &RunArgs, targets: &Targets) -> Result<ApplySettings
         });
     }
     let keyring_cli =
-        KeyringCli::locate(run.kms_plugin.as_deref().or(targets.kms_plugin.as_deref()));
+        KeyringCli::locate(run.kms_plugin.as_deref().or(targets.kms_plugin.as_deref()))
+            .with_add_flags(
+                targets
+                    .kek_pkcs11
+                    .as_ref()
+                    .map(crate::targets::KekPkcs11::add_flags)
+                    .unwrap_or_default(),
+            );
     Ok(ApplySettings {
         state_path: cli.state.clone(),
         proof: ProofSettings {

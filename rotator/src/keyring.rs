@@ -63,12 +63,23 @@ pub enum KeyringError {
 #[derive(Debug, Clone)]
 pub struct KeyringCli {
     bin: PathBuf,
+    add_flags: Vec<String>,
 }
 
 impl KeyringCli {
     /// Uses `bin`.
     pub fn new(bin: PathBuf) -> Self {
-        Self { bin }
+        Self {
+            bin,
+            add_flags: Vec::new(),
+        }
+    }
+
+    /// Extra flags for `keyring add` (e.g. the PKCS#11 ones that put the new
+    /// KEK in a token).
+    pub fn with_add_flags(mut self, flags: Vec<String>) -> Self {
+        self.add_flags = flags;
+        self
     }
 
     /// The binary: the configured one, else `kms-plugin` beside this
@@ -148,7 +159,7 @@ impl KeyringCli {
 
     /// `keyring add`: a new decrypt-only KEK. Returns its number.
     pub fn add(&self, keyring: &Path) -> Result<String, KeyringError> {
-        self.run(keyring, "add", &[])
+        self.run(keyring, "add", &self.add_flags)
     }
 
     /// `keyring promote --kek N`. Returns the new primary key_id.

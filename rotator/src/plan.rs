@@ -1107,6 +1107,8 @@ mod tests {
                 fingerprint: "f1".into(),
                 key_id: Some("id1".into()),
                 key_ids: vec!["id1".into()],
+                kind: "local".into(),
+                pkcs11: None,
             }],
         };
         assert!(build(&Operation::RotateKek, Some(&base), None, &mut keygen()).is_err());

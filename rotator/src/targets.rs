@@ -142,6 +142,60 @@ pub struct Targets {
     pub etcd: EtcdTarget,
     /// The kms-plugin binary, when the config names one.
     pub kms_plugin: Option<PathBuf>,
+    /// Where `rotate-kek` puts the new KEK: `None` in the keyring file, or
+    /// in a PKCS#11 token (the `kek.pkcs11` block).
+    pub kek_pkcs11: Option<KekPkcs11>,
+}
+
+/// The `kek: {pkcs11: …}` block: the new KEK of `rotate-kek` is generated in
+/// this token by `kms-plugin keyring add --pkcs11-…` (on the first host,
+/// where the token is reachable). Holds paths and labels, never the PIN.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KekPkcs11 {
+    /// The PKCS#11 module (client library) on the first host.
+    pub module: PathBuf,
+    /// The token label.
+    pub token: String,
+    /// The token serial, when several tokens share the label.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// The new key object's label (default: the plugin's).
+    #[serde(default)]
+    pub key_label: Option<String>,
+    /// A file holding the user PIN (else the plugin reads ATREST_PKCS11_PIN).
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+}
+
+impl KekPkcs11 {
+    /// The `keyring add` flags that put the new KEK in the token.
+    pub fn add_flags(&self) -> Vec<String> {
+        let mut flags = vec![
+            "--pkcs11-module".to_owned(),
+            self.module.display().to_string(),
+            "--pkcs11-token".to_owned(),
+            self.token.clone(),
+            "--generate".to_owned(),
+        ];
+        if let Some(s) = &self.serial {
+            flags.extend(["--pkcs11-serial".to_owned(), s.clone()]);
+        }
+        if let Some(l) = &self.key_label {
+            flags.extend(["--pkcs11-key-label".to_owned(), l.clone()]);
+        }
+        if let Some(p) = &self.pin_file {
+            flags.extend(["--pkcs11-pin-file".to_owned(), p.display().to_string()]);
+        }
+        flags
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKek {
+    #[serde(default)]
+    pkcs11: Option<KekPkcs11>,
 }
 
 /// A rotator config that cannot be used. Names the file and the field.
@@ -182,6 +236,8 @@ struct RawTargets {
     hosts: Vec<RawHost>,
     etcd: RawEtcd,
     kms_plugin: Option<PathBuf>,
+    #[serde(default)]
+    kek: Option<RawKek>,
 }
 
 #[derive(Deserialize)]
@@ -396,6 +452,11 @@ impl Targets {
                 prefix,
             },
             kms_plugin: raw.kms_plugin.map(abs),
+            kek_pkcs11: raw.kek.and_then(|k| k.pkcs11).map(|mut p| {
+                p.module = abs(p.module);
+                p.pin_file = p.pin_file.map(abs);
+                p
+            }),
         })
     }
 }
@@ -481,6 +542,33 @@ etcd:
         }
         // The token never shows in Debug output.
         assert!(!format!("{t:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn a_kek_pkcs11_block_becomes_keyring_add_flags() {
+        assert_eq!(parse(GOOD).unwrap().kek_pkcs11, None);
+        let t = parse(&format!(
+            "{GOOD}kek:\n  pkcs11:\n    module: lib/softhsm2.so\n    token: atrest\n    pinFile: pin\n"
+        ))
+        .unwrap();
+        let flags = t.kek_pkcs11.unwrap().add_flags();
+        assert_eq!(
+            flags,
+            [
+                "--pkcs11-module",
+                "/base/lib/softhsm2.so",
+                "--pkcs11-token",
+                "atrest",
+                "--generate",
+                "--pkcs11-pin-file",
+                "/base/pin"
+            ]
+        );
+        let e = parse(&format!(
+            "{GOOD}kek:\n  pkcs11:\n    module: m\n    token: t\n    pin: '1234'\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("pin"), "{e}");
     }
 
     #[test]

@@ -163,6 +163,8 @@ fn plan_rotate_kek() {
         fingerprint: format!("fingerprint-{kek}"),
         key_id: Some(key_id.into()),
         key_ids: vec![key_id.into()],
+        kind: "local".into(),
+        pkcs11: None,
     };
     let info = Listing {
         format: keyring::LISTING_FORMAT.into(),

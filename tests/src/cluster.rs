@@ -126,6 +126,13 @@ pub struct Options {
     pub namespaces: usize,
     /// Flags every `apply` and `resume` of [`Cluster::apply`] / [`Cluster::resume`] get.
     pub run_flags: Vec<String>,
+    /// Extra `serve` flags of every plugin (e.g. the PKCS#11 ones).
+    pub plugin_args: Vec<String>,
+    /// Environment of every plugin and every rotator run only (e.g.
+    /// `SOFTHSM2_CONF`); the test's own environment is never changed.
+    pub env: Vec<(String, String)>,
+    /// YAML appended to the rotator config (e.g. a `kek:` block).
+    pub rotator_config_extra: String,
 }
 
 impl Options {
@@ -141,6 +148,9 @@ impl Options {
             run_flags: ["--poll-interval", "100ms", "--proof-timeout", "60s"]
                 .map(String::from)
                 .to_vec(),
+            plugin_args: Vec::new(),
+            env: Vec::new(),
+            rotator_config_extra: String::new(),
         }
     }
 
@@ -186,6 +196,8 @@ pub struct Cluster {
     pub configmaps: usize,
     namespaces: usize,
     run_flags: Vec<String>,
+    /// Environment of every rotator run.
+    env: Vec<(String, String)>,
     /// The shared socket directory (with KMS).
     kms_dir: Option<PathBuf>,
     /// Everything else lives here.
@@ -226,6 +238,7 @@ async fn start_plugins(
     kms_dir: &Path,
     host_dir: &Path,
     keyrings: &[PathBuf],
+    opts: &Options,
 ) -> (Vec<PluginProcess>, Vec<String>) {
     // Where this host's sockets appear in the test's namespace.
     let seen_at = if i == 0 {
@@ -257,17 +270,22 @@ async fn start_plugins(
     let mut plugins = Vec::new();
     for (name, keyring) in names.iter().zip(keyrings) {
         let sock = format!("{name}.sock");
-        let plugin = PluginProcess::start(
-            PluginOptions::new()
-                .keyring(keyring)
-                .endpoint(SocketEndpoint::File(kms_dir.join(&sock)))
-                .reached_at(SocketEndpoint::File(seen_at.join(&sock)))
-                .wrapped_in(&wrapper)
-                .arg("--reload-interval")
-                .arg("200ms"),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("plugin {name} of cp{i}: {e:#}"));
+        let mut options = PluginOptions::new()
+            .keyring(keyring)
+            .endpoint(SocketEndpoint::File(kms_dir.join(&sock)))
+            .reached_at(SocketEndpoint::File(seen_at.join(&sock)))
+            .wrapped_in(&wrapper)
+            .arg("--reload-interval")
+            .arg("200ms");
+        for a in &opts.plugin_args {
+            options = options.arg(a);
+        }
+        for (k, v) in &opts.env {
+            options = options.env(k, v.clone());
+        }
+        let plugin = PluginProcess::start(options)
+            .await
+            .unwrap_or_else(|e| panic!("plugin {name} of cp{i}: {e:#}"));
         if i > 0 && plugins.is_empty() {
             // The first plugin made the namespace; the rest of the host joins it.
             wrapper = [
@@ -327,7 +345,7 @@ impl Cluster {
                 std::fs::copy(from, to).unwrap();
             }
             let (plugins, wrapper) = if kms {
-                start_plugins(i, &opts.kms, &kms_dir, &host_dir, &keyrings).await
+                start_plugins(i, &opts.kms, &kms_dir, &host_dir, &keyrings, &opts).await
             } else {
                 (Vec::new(), Vec::new())
             };
@@ -387,9 +405,10 @@ impl Cluster {
         std::fs::write(
             &rotator_config,
             format!(
-                "hosts:\n{yaml}etcd:\n  endpoints: [{}]\nkmsPlugin: {}\n",
+                "hosts:\n{yaml}etcd:\n  endpoints: [{}]\nkmsPlugin: {}\n{}",
                 etcd.endpoint(),
-                bin_path("kms-plugin").display()
+                bin_path("kms-plugin").display(),
+                opts.rotator_config_extra
             ),
         )
         .unwrap();
@@ -403,6 +422,7 @@ impl Cluster {
             configmaps: 0,
             namespaces: opts.namespaces.max(1),
             run_flags: opts.run_flags,
+            env: opts.env,
             kms_dir: kms.then_some(kms_dir),
             dir,
         }
@@ -478,6 +498,7 @@ impl Cluster {
             .arg(&self.state)
             .args(args)
             .env("ATREST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         cmd

@@ -10,10 +10,12 @@
 //! | [`plugin`] | the real `kms-plugin` process, its gRPC client, keyring CLI, the one HTTP client and metrics parser |
 //! | [`standin`] | the `kube-apiserver-standin` process |
 //! | [`cluster`] | the rotator's hosts over one etcd: stand-ins, plugins, rotator runs, audits |
+//! | [`softhsm`] | a SoftHSM2 token of the test's own (directory, config, PIN file), `pkcs11-tool` |
 //! | [`inspect`] | etcd-inspect test data: keys, values written as kube-apiserver writes them |
 
 pub mod cluster;
 pub mod etcd;
 pub mod inspect;
 pub mod plugin;
+pub mod softhsm;
 pub mod standin;

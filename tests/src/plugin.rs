@@ -15,7 +15,7 @@ mod client;
 mod http;
 mod process;
 
-pub use cli::{CliOutput, KekEntry, Keyring, KeyringList, cli};
+pub use cli::{CliOutput, KekEntry, Keyring, KeyringList, cli, cli_env};
 pub use client::{
     HeldCall, KmsClient, SocketEndpoint, connect, decrypt, encrypt, hold_encrypt, seed,
 };

@@ -1,7 +1,8 @@
 //! The real kms-plugin against every rule of the KMS v2 contract
-//! (as `proto/kms/v2/api.proto` and the README state it), over a socket file and over an abstract socket.
-//! Each behaviour is one function below; `over_both_sockets!` makes a test of it
-//! per transport.
+//! (as `proto/kms/v2/api.proto` and the README state it), over a socket file and
+//! over an abstract socket, and with its primary KEK in a SoftHSM2 token. Each
+//! behaviour is one function below; `over_both_sockets!` makes a test of it per
+//! transport and one with the HSM-backed keyring.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,11 +13,30 @@ use atrest_proto::kms::v2::{StatusRequest, StatusResponse};
 use atrest_tests::plugin::{
     KmsClient, PluginOptions, PluginProcess, Transport, WAIT, decrypt, encrypt, eventually, seed,
 };
+use atrest_tests::softhsm::{SoftHsm, hsm_keyring};
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
 
 async fn start(transport: Transport) -> Result<PluginProcess> {
     PluginProcess::start(PluginOptions::new().transport(transport)).await
+}
+
+/// A plugin whose primary KEK lives in a SoftHSM2 token of its own (KEK 2;
+/// KEK 1 is the local KEK `init` made, decrypt-only). The token store must
+/// outlive the plugin: the caller keeps it.
+async fn start_hsm() -> Result<(SoftHsm, PluginProcess)> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let (k, v) = hsm.env();
+    let mut options = PluginOptions::new().keyring(keyring.path()).env(k, v);
+    for flag in hsm.flags() {
+        options = options.arg(&flag);
+    }
+    let plugin = PluginProcess::start(options).await?;
+    // The keyring's directory goes with the plugin's.
+    std::mem::forget(dir);
+    Ok((hsm, plugin))
 }
 
 macro_rules! over_both_sockets {
@@ -26,6 +46,17 @@ macro_rules! over_both_sockets {
                 #[tokio::test(flavor = "multi_thread")]
                 async fn $behaviour() -> anyhow::Result<()> {
                     super::$behaviour(super::start(super::Transport::File).await?).await
+                }
+            )*
+        }
+        mod hsm_keyring {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $behaviour() -> anyhow::Result<()> {
+                    let (hsm, plugin) = super::start_hsm().await?;
+                    let result = super::$behaviour(plugin).await;
+                    drop(hsm);
+                    result
                 }
             )*
         }

@@ -4,6 +4,12 @@
 //!
 //! The file itself (format, rules, edits, key_id derivation, the listing and
 //! the successor check) is the `keyring` crate's; this module only serves it.
+//!
+//! A KEK kept in a PKCS#11 token is served through the process's token
+//! configuration ([`crate::pkcs11::serving`]): its key handle is found and
+//! its check value verified when the snapshot is built (start and reload),
+//! and its calls run inside the token. A keyring with such a KEK is refused
+//! when the plugin has no `--pkcs11-module`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,12 +23,32 @@ use arc_swap::ArcSwap;
 use zeroize::Zeroizing;
 
 use crate::backend::{DecryptError, EncryptError, KekBackend, KekSet};
-use crate::envelope::{self, Envelope, MAX_PLAINTEXT_LEN};
+use crate::envelope::{self, Envelope, MAX_PLAINTEXT_LEN, VERSION, VERSION_TOKEN};
+use crate::pkcs11::serving::TokenKey;
 
 /// One KEK with its cipher ready.
 struct Kek {
     number: u32,
-    cipher: Aes256Gcm,
+    cipher: Cipher,
+}
+
+// One per KEK, behind an Arc: the size difference costs nothing, and the
+// local cipher stays inline (no extra indirection on the hot path).
+#[allow(clippy::large_enum_variant)]
+enum Cipher {
+    /// A local KEK: AES-256-GCM in this process.
+    Local(Aes256Gcm),
+    /// A KEK in a token: AES-256-GCM inside it.
+    Token(TokenKey),
+}
+
+impl Cipher {
+    fn version(&self) -> u8 {
+        match self {
+            Cipher::Local(_) => VERSION,
+            Cipher::Token(_) => VERSION_TOKEN,
+        }
+    }
 }
 
 /// One loaded keyring file: immutable, shared by every call that started
@@ -34,6 +60,8 @@ pub struct Keyring {
     /// What `keyring list` shows of it (no key bytes); also what the next
     /// file is judged against.
     listing: Listing,
+    /// Whether it holds a KEK in a token (calls may block).
+    blocks: bool,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -70,11 +98,44 @@ impl Keyring {
         let listing = Listing::of(file);
         let mut by_key_id = HashMap::new();
         let mut primary = None;
+        let mut blocks = false;
         for (kek, info) in file.keks().iter().zip(&listing.keks) {
-            let enc_key = ::keyring::derive::encryption_key(kek.material());
+            let cipher = match kek.material() {
+                ::keyring::KekMaterial::Pkcs11(reference) => {
+                    let Some(hsm) = crate::pkcs11::serving::installed() else {
+                        return Err(KeyringError::Invalid {
+                            path: path.to_owned(),
+                            reason: format!(
+                                "KEK {} is kept in a PKCS#11 token; serve it with --pkcs11-module",
+                                kek.number
+                            ),
+                        });
+                    };
+                    blocks = true;
+                    let key =
+                        hsm.resolve(kek.number, reference)
+                            .map_err(|e| KeyringError::Invalid {
+                                path: path.to_owned(),
+                                reason: format!("KEK {}: {e}", kek.number),
+                            })?;
+                    Cipher::Token(key)
+                }
+                material => {
+                    let Some(enc_key) = ::keyring::derive::encryption_key(material) else {
+                        return Err(KeyringError::Invalid {
+                            path: path.to_owned(),
+                            reason: format!(
+                                "KEK {} is of a kind this build cannot serve",
+                                kek.number
+                            ),
+                        });
+                    };
+                    Cipher::Local(Aes256Gcm::new(enc_key.as_ref().into()))
+                }
+            };
             let served = Arc::new(Kek {
                 number: kek.number,
-                cipher: Aes256Gcm::new(enc_key.as_ref().into()),
+                cipher,
             });
             for id in &info.key_ids {
                 by_key_id.insert(id.clone(), served.clone());
@@ -93,6 +154,7 @@ impl Keyring {
             primary,
             by_key_id,
             listing,
+            blocks,
         })
     }
 
@@ -124,20 +186,23 @@ impl KekSet for Keyring {
         if plaintext.len() > MAX_PLAINTEXT_LEN {
             return Err(EncryptError::PlaintextTooLong(plaintext.len()));
         }
-        let header = Envelope::header_for(self.primary.number);
+        let header = Envelope::header_with(self.primary.cipher.version(), self.primary.number);
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = envelope::associated_data(&header, &self.listing.key_id);
-        let sealed = self
-            .primary
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| EncryptError::Cipher)?;
+        let sealed = match &self.primary.cipher {
+            Cipher::Local(cipher) => cipher
+                .encrypt(
+                    &nonce,
+                    Payload {
+                        msg: plaintext,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| EncryptError::Cipher)?,
+            Cipher::Token(key) => key
+                .encrypt(&nonce.into(), &aad, plaintext)
+                .map_err(|e| EncryptError::Unavailable(e.to_string()))?,
+        };
         let mut out = Vec::with_capacity(header.len() + nonce.len() + sealed.len());
         out.extend_from_slice(&header);
         out.extend_from_slice(&nonce);
@@ -157,17 +222,37 @@ impl KekSet for Keyring {
                 for_key_id: kek.number,
             });
         }
+        if env.version != kek.cipher.version() {
+            return Err(DecryptError::KindMismatch {
+                version: env.version,
+            });
+        }
         let aad = envelope::associated_data(env.header, key_id);
-        kek.cipher
-            .decrypt(
-                Nonce::from_slice(env.nonce),
-                Payload {
-                    msg: env.sealed,
-                    aad: &aad,
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| DecryptError::Authentication)
+        match &kek.cipher {
+            Cipher::Local(cipher) => cipher
+                .decrypt(
+                    Nonce::from_slice(env.nonce),
+                    Payload {
+                        msg: env.sealed,
+                        aad: &aad,
+                    },
+                )
+                .map(Zeroizing::new)
+                .map_err(|_| DecryptError::Authentication),
+            Cipher::Token(key) => {
+                let mut iv = [0u8; envelope::NONCE_LEN];
+                iv.copy_from_slice(env.nonce);
+                match key.decrypt(&iv, &aad, env.sealed) {
+                    Ok(Some(plaintext)) => Ok(plaintext),
+                    Ok(None) => Err(DecryptError::Authentication),
+                    Err(e) => Err(DecryptError::Unavailable(e.to_string())),
+                }
+            }
+        }
+    }
+
+    fn blocks(&self) -> bool {
+        self.blocks
     }
 
     fn kek_count(&self) -> usize {

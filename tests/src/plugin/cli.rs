@@ -46,6 +46,16 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    cli_env(args, &[]).await
+}
+
+/// Runs `kms-plugin ARGS…` to completion with extra environment variables
+/// (for the child only).
+pub async fn cli_env<I, S>(args: I, envs: &[(&str, &str)]) -> Result<CliOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
     let command = format!(
         "kms-plugin {}",
@@ -57,6 +67,7 @@ where
     let output = tokio::process::Command::new(bin_path("kms-plugin"))
         .args(&args)
         .env("NO_COLOR", "1")
+        .envs(envs.iter().copied())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()

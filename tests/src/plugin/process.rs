@@ -40,6 +40,7 @@ pub struct PluginOptions {
     args: Vec<String>,
     wrapper: Vec<String>,
     reached_at: Option<SocketEndpoint>,
+    envs: Vec<(String, String)>,
 }
 
 impl PluginOptions {
@@ -63,6 +64,13 @@ impl PluginOptions {
     /// Serve this existing keyring instead of initialising a new one.
     pub fn keyring(mut self, path: impl Into<PathBuf>) -> Self {
         self.keyring = Some(path.into());
+        self
+    }
+
+    /// Set an environment variable of the plugin process only (e.g.
+    /// `SOFTHSM2_CONF`; tests never change their own environment).
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.envs.push((key.to_owned(), value.into()));
         self
     }
 
@@ -181,6 +189,7 @@ impl PluginProcess {
             command.arg("--metrics-addr").arg(addr.to_string());
         }
         command.args(&options.args);
+        command.envs(options.envs.iter().map(|(k, v)| (k, v)));
         match &options.log_filter {
             Some(filter) => command.env("ATREST_LOG", filter),
             None => command.env_remove("ATREST_LOG"),

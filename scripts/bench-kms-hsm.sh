@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The KMS plugin load benchmark with the primary KEK in a SoftHSM2 token, next
+# to the same benchmark with a local KEK: Decrypt (and Encrypt) at 1/16/64
+# callers and the 10,000-call Decrypt restart burst, each printed as the
+# Markdown table of kms-loadgen (ops/s, p50/p99, plugin CPU per call).
+# Needs softhsm2 (scripts/setup.sh installs it). The token lives in a temp dir
+# of its own (SOFTHSM2_CONF is set for the plugin only). Extra arguments go to
+# both kms-loadgen runs, e.g.  scripts/bench-kms-hsm.sh --duration 2s
+# Results depend on the machine and on whatever else runs on it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+module=/usr/lib/softhsm/libsofthsm2.so
+[ -f "$module" ] || { echo "bench-kms-hsm: $module missing: run scripts/setup.sh" >&2; exit 1; }
+cargo build --release -p kms-plugin -p atrest-bench
+target_dir="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+bin="${target_dir:-target}/release"
+
+work="$(mktemp -d)"
+plugin_pid=""
+cleanup() {
+  if [ -n "$plugin_pid" ]; then kill "$plugin_pid" 2>/dev/null || true; wait "$plugin_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+mkdir "$work/tokens"
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$work/softhsm2.conf"
+pin="bench-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+(umask 077; printf '%s\n' "$pin" > "$work/pin")
+SOFTHSM2_CONF="$work/softhsm2.conf" softhsm2-util --init-token --free --label atrest \
+  --so-pin "so-$pin" --pin "$pin" >/dev/null
+"$bin/kms-plugin" keyring init --keyring "$work/keyring.json" >/dev/null
+kek="$(SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" keyring add --keyring "$work/keyring.json" \
+  --pkcs11-module "$module" --pkcs11-token atrest --pkcs11-pin-file "$work/pin")"
+"$bin/kms-plugin" keyring promote --keyring "$work/keyring.json" --kek "$kek" >/dev/null
+
+echo "## KEK in SoftHSM2 (PKCS#11, --pkcs11-max-sessions ${SESSIONS:-16})"
+SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" serve --listen "unix://$work/kms.sock" \
+  --keyring "$work/keyring.json" --pkcs11-module "$module" --pkcs11-pin-file "$work/pin" \
+  --pkcs11-max-sessions "${SESSIONS:-16}" 2>"$work/plugin.log" &
+plugin_pid=$!
+"$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
+  --methods encrypt,decrypt "$@"
+kill "$plugin_pid"; wait "$plugin_pid" 2>/dev/null || true; plugin_pid=""
+# The plugin's own account of the time spent inside the PKCS#11 module (the
+# rest of its CPU per call is our overhead: gRPC, envelope, pool).
+echo
+echo "plugin: $(grep -o 'PKCS#11 usage.*' "$work/plugin.log" || echo 'no PKCS#11 usage line')"
+
+echo
+echo "## Local KEK (same machine, same run)"
+"$bin/kms-loadgen" --plugin-bin "$bin/kms-plugin" --methods encrypt,decrypt "$@"

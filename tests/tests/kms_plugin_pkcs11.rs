@@ -1,0 +1,575 @@
+//! KEKs kept in a PKCS#11 token, against a real SoftHSM2 token of each
+//! test's own: `kms-plugin keyring add --pkcs11-…` as an operator runs it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use atrest_tests::plugin::{
+    Keyring, PluginOptions, PluginProcess, WAIT, cli_env, decrypt, encrypt, eventually, seed,
+};
+use atrest_tests::softhsm::{MODULE, SoftHsm, USER_PIN, hsm_keyring, plugin_options};
+use tonic::Code;
+
+async fn add(
+    hsm: &SoftHsm,
+    keyring: &Keyring,
+    extra: &[&str],
+) -> Result<atrest_tests::plugin::CliOutput> {
+    let mut args: Vec<String> = vec![
+        "keyring".into(),
+        "add".into(),
+        "--keyring".into(),
+        keyring.path().display().to_string(),
+    ];
+    args.extend(hsm.flags());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let (k, v) = hsm.env();
+    cli_env(args, &[(k, &v)]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_generates_a_protected_token_key_and_the_keyring_holds_only_its_reference() -> Result<()>
+{
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let (keyring, first) = Keyring::init(dir.path().join("keyring.json")).await?;
+    let out = add(&hsm, &keyring, &["--pkcs11-token", "atrest", "--generate"]).await?;
+    assert!(!out.stderr.contains(USER_PIN) && !out.stdout.contains(USER_PIN));
+    let n: u32 = out.success()?.trim().parse()?;
+    assert_eq!(n, 2);
+
+    let list = keyring.list().await?;
+    assert_eq!(list.key_id, first, "an added KEK is decrypt-only");
+    let kek = list.kek(2).unwrap();
+    assert_eq!(kek.kind, "pkcs11");
+    let reference = kek.pkcs11.as_ref().unwrap();
+    assert_eq!(reference.token, "atrest");
+    assert_eq!(reference.check_value.len(), 32);
+    assert_eq!(list.kek(1).unwrap().kind, "local");
+    let text = std::fs::read_to_string(keyring.path())?;
+    let file: serde_json::Value = serde_json::from_str(&text)?;
+    assert!(file["keks"][1].get("material").is_none(), "{text}");
+
+    // The token object as the token itself describes it.
+    let objects = hsm.pkcs11_tool(&["--login", "--pin", USER_PIN, "--list-objects"])?;
+    assert!(objects.contains(&reference.key_label), "{objects}");
+    assert!(objects.contains(&reference.id), "{objects}");
+    let usage = objects
+        .lines()
+        .find(|l| l.contains("Usage:"))
+        .unwrap_or_default();
+    assert!(
+        usage.contains("encrypt") && usage.contains("decrypt") && !usage.contains("wrap"),
+        "{objects}"
+    );
+    assert!(
+        objects.contains("sensitive") && objects.contains("never extractable"),
+        "{objects}"
+    );
+
+    // Promote and list work for it like for a local KEK; the key_id depends on
+    // the file only.
+    let key_id = keyring.promote(2).await?;
+    assert!(key_id.starts_with("atrest-v1-k2-e2-"), "{key_id}");
+    assert_eq!(keyring.list().await?.key_id, key_id);
+    let text = keyring.run("list", &[]).await?.success()?;
+    assert!(text.contains("PKCS#11 token \"atrest\""), "{text}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adopt_finds_an_existing_key_and_refuses_an_extractable_one() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let pin = ["--login", "--pin", USER_PIN];
+    let mut keygen = pin.to_vec();
+    keygen.extend_from_slice(&[
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--label",
+        "made-elsewhere",
+        "--id",
+        "c0ffee",
+        "--sensitive",
+    ]);
+    hsm.pkcs11_tool(&keygen)?;
+    let dir = tempfile::tempdir()?;
+    let (keyring, _) = Keyring::init(dir.path().join("keyring.json")).await?;
+    let out = add(
+        &hsm,
+        &keyring,
+        &[
+            "--pkcs11-token",
+            "atrest",
+            "--adopt",
+            "--pkcs11-key-label",
+            "made-elsewhere",
+        ],
+    )
+    .await?;
+    out.success()?;
+    let listed = keyring.list().await?;
+    assert_eq!(listed.kek(2).unwrap().pkcs11.as_ref().unwrap().id, "c0ffee");
+
+    // A key that may leave the token is refused.
+    let mut keygen = pin.to_vec();
+    keygen.extend_from_slice(&[
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--label",
+        "leaky",
+        "--sensitive",
+        "--extractable",
+    ]);
+    hsm.pkcs11_tool(&keygen)?;
+    let out = add(
+        &hsm,
+        &keyring,
+        &[
+            "--pkcs11-token",
+            "atrest",
+            "--adopt",
+            "--pkcs11-key-label",
+            "leaky",
+        ],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("is extractable"), "{out:?}");
+    assert!(keyring.list().await?.kek(3).is_none());
+    // A label that names nothing.
+    let out = add(
+        &hsm,
+        &keyring,
+        &[
+            "--pkcs11-token",
+            "atrest",
+            "--adopt",
+            "--pkcs11-key-label",
+            "nothing-here",
+        ],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("no AES key labelled"), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_trouble_at_add_exits_3_and_never_retries_a_wrong_pin() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let (keyring, _) = Keyring::init(dir.path().join("keyring.json")).await?;
+    let before = std::fs::read(keyring.path())?;
+    assert!(!hsm.token_flags()?.contains("count low"), "fresh token");
+
+    let wrong = hsm.wrong_pin_file()?;
+    let (k, v) = hsm.env();
+    let args = [
+        "keyring",
+        "add",
+        "--keyring",
+        &keyring.path().display().to_string(),
+        "--pkcs11-module",
+        MODULE,
+        "--pkcs11-token",
+        "atrest",
+        "--pkcs11-pin-file",
+        &wrong.display().to_string(),
+    ]
+    .map(str::to_owned);
+    let out = cli_env(&args, &[(k, &v)]).await?;
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("CKR_PIN_INCORRECT") && out.stderr.contains("not retrying"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("0000-not-the-pin"), "{out:?}");
+    // The token saw a failed login (SoftHSM2 raises CKF_USER_PIN_COUNT_LOW;
+    // it never locks, so that flag is all it shows), and the right PIN
+    // still works.
+    assert!(hsm.token_flags()?.contains("count low"));
+    assert_eq!(std::fs::read(keyring.path())?, before, "keyring changed");
+    add(&hsm, &keyring, &["--pkcs11-token", "atrest"])
+        .await?
+        .success()?;
+
+    // No such token: exit 3, named.
+    let out = add(&hsm, &keyring, &["--pkcs11-token", "elsewhere"]).await?;
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("no PKCS#11 token labelled \"elsewhere\""),
+        "{out:?}"
+    );
+
+    // No module: a usage error.
+    let out = cli_env(
+        [
+            "keyring",
+            "add",
+            "--keyring",
+            &keyring.path().display().to_string(),
+            "--pkcs11-token",
+            "atrest",
+        ],
+        &[(k, &v)],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    Ok(())
+}
+
+/// Replaces the token key of `kek` by another key with the same label and
+/// CKA_ID, as a wrong restore or a swapped token would.
+fn replace_token_key(
+    hsm: &SoftHsm,
+    keyring_list: &atrest_tests::plugin::KeyringList,
+    kek: u32,
+) -> Result<()> {
+    let reference = keyring_list.kek(kek).unwrap().pkcs11.clone().unwrap();
+    hsm.pkcs11_tool(&[
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--delete-object",
+        "--type",
+        "secrkey",
+        "--id",
+        &reference.id,
+    ])?;
+    hsm.pkcs11_tool(&[
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--label",
+        &reference.key_label,
+        "--id",
+        &reference.id,
+        "--sensitive",
+    ])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_token_key_is_refused_at_reload_and_at_start() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let plugin = PluginProcess::start(plugin_options(&hsm, keyring.path())).await?;
+    let served = plugin.status().await?.key_id;
+    assert!(served.starts_with("atrest-v1-k2-"), "{served}");
+
+    replace_token_key(&hsm, &keyring.list().await?, 2)?;
+    // Any edit makes the plugin reload; the reload finds the token key again
+    // and refuses it.
+    keyring.rotate().await?;
+    plugin.wait_for_log("does not give the check value").await?;
+    assert_eq!(
+        plugin.status().await?.key_id,
+        served,
+        "the refused keyring was served"
+    );
+
+    let mut second = PluginProcess::spawn(plugin_options(&hsm, keyring.path())).await?;
+    let status = second.wait().await?;
+    assert_eq!(status.code(), Some(1), "{}", second.log());
+    assert!(
+        second.log().contains("does not give the check value"),
+        "{}",
+        second.log()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_pin_stops_the_start_with_exit_3_and_the_pin_never_leaks() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let wrong = hsm.wrong_pin_file()?;
+    let (k, v) = hsm.env();
+    let options = PluginOptions::new()
+        .keyring(keyring.path())
+        .env(k, v.clone())
+        .arg("--pkcs11-module")
+        .arg(MODULE)
+        .arg("--pkcs11-pin-file")
+        .arg(&wrong.display().to_string());
+    let mut refused = PluginProcess::spawn(options).await?;
+    let status = refused.wait().await?;
+    assert_eq!(status.code(), Some(3), "{}", refused.log());
+    let log = refused.log();
+    assert!(
+        log.contains("CKR_PIN_INCORRECT") && log.contains("not retrying"),
+        "{log}"
+    );
+    assert!(!log.contains("0000-not-the-pin"), "{log}");
+    // One failed login happened (SoftHSM2 raises CKF_USER_PIN_COUNT_LOW; it
+    // never locks), and the process is gone: nothing retries.
+    assert!(hsm.token_flags()?.contains("count low"));
+
+    // The PIN from the environment: not in argv, logs or metrics.
+    let plugin = PluginProcess::start(
+        PluginOptions::new()
+            .keyring(keyring.path())
+            .env(k, v)
+            .env("ATREST_PKCS11_PIN", USER_PIN)
+            .arg("--pkcs11-module")
+            .arg(MODULE)
+            .metrics()
+            .log("debug"),
+    )
+    .await?;
+    let client = plugin.client();
+    let made = encrypt(&client, &seed(1)).await?;
+    assert_eq!(
+        decrypt(&client, &made.ciphertext, &made.key_id).await?,
+        seed(1)
+    );
+    let _ = decrypt(
+        &client,
+        b"ATR\x02garbage-garbage-garbage-garbage",
+        &made.key_id,
+    )
+    .await;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", plugin.pid()))?;
+    assert!(!String::from_utf8_lossy(&cmdline).contains(USER_PIN));
+    let metrics = plugin.http("/metrics").await?;
+    assert!(!format!("{metrics:?}").contains(USER_PIN));
+    let healthz = plugin.http("/healthz").await?;
+    assert!(!format!("{healthz:?}").contains(USER_PIN));
+    assert!(!plugin.log().contains(USER_PIN), "{}", plugin.log());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_plugins_sharing_one_token_report_the_same_key_id_and_read_each_other() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let copy = dir.path().join("copy.json");
+    std::fs::copy(keyring.path(), &copy)?;
+    let a = PluginProcess::start(plugin_options(&hsm, keyring.path())).await?;
+    let b = PluginProcess::start(plugin_options(&hsm, &copy)).await?;
+    let (ka, kb) = (a.status().await?.key_id, b.status().await?.key_id);
+    assert_eq!(ka, kb);
+    let made = encrypt(&a.client(), &seed(5)).await?;
+    assert_eq!(made.key_id, ka);
+    assert_eq!(
+        decrypt(&b.client(), &made.ciphertext, &made.key_id).await?,
+        seed(5)
+    );
+    // At its end, a plugin says what the token calls cost inside the module.
+    let mut a = a;
+    a.sigterm()?;
+    a.wait().await?;
+    let log = a.log();
+    assert!(
+        log.contains("PKCS#11 usage")
+            && log.contains("module_us_per_call")
+            && log.contains("peak_sessions"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_keyring_moves_from_a_local_kek_to_a_token_kek_without_losing_data() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let (keyring, local_key_id) = Keyring::init(dir.path().join("keyring.json")).await?;
+    // A plugin configured for the token while its keyring is still all local.
+    let plugin = PluginProcess::start(plugin_options(&hsm, keyring.path())).await?;
+    let client = plugin.client();
+    let old = encrypt(&client, &seed(1)).await?;
+    assert_eq!(old.key_id, local_key_id);
+    assert_eq!(old.ciphertext[3], 1, "a local KEK writes format version 1");
+
+    let n = hsm.add_key(&keyring, &["--pkcs11-token", "atrest"]).await?;
+    let hsm_key_id = keyring.promote(n).await?;
+    assert_eq!(
+        plugin.wait_for_key_id_change(&local_key_id).await?,
+        hsm_key_id
+    );
+    let new = encrypt(&client, &seed(2)).await?;
+    assert_eq!(new.key_id, hsm_key_id);
+    assert_eq!(new.ciphertext[3], 2, "a token KEK writes format version 2");
+    assert_eq!(
+        decrypt(&client, &old.ciphertext, &old.key_id).await?,
+        seed(1)
+    );
+    assert_eq!(
+        decrypt(&client, &new.ciphertext, &new.key_id).await?,
+        seed(2)
+    );
+    // A version-1 header under the token KEK's key_id is refused, not tried.
+    let mut relabelled = new.ciphertext.clone();
+    relabelled[3] = 1;
+    let refused = decrypt(&client, &relabelled, &new.key_id)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    // Every local value re-encrypted (the rotator's job); the local KEK goes.
+    keyring.retire(1).await?;
+    eventually(WAIT, "the plugin to drop the local KEK", || {
+        let client = client.clone();
+        let old = old.clone();
+        async move {
+            match decrypt(&client, &old.ciphertext, &old.key_id).await {
+                Err(s) if s.code() == Code::FailedPrecondition => Ok(Some(())),
+                _ => Ok(None),
+            }
+        }
+    })
+    .await?;
+    assert_eq!(
+        decrypt(&client, &new.ciphertext, &new.key_id).await?,
+        seed(2)
+    );
+    assert_eq!(plugin.status().await?.healthz, "ok");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_callers_than_sessions_all_finish_answered_or_unavailable() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let plugin = PluginProcess::start(
+        plugin_options(&hsm, keyring.path())
+            .arg("--pkcs11-max-sessions")
+            .arg("2")
+            .arg("--pkcs11-session-wait")
+            .arg("200ms")
+            .arg("--worker-threads")
+            .arg("4"),
+    )
+    .await?;
+    let client = plugin.client();
+    let made = encrypt(&client, &seed(3)).await?;
+    let mut calls = Vec::new();
+    for _ in 0..64 {
+        let (client, made) = (client.clone(), made.clone());
+        calls.push(tokio::spawn(async move {
+            // A bound far above any wait the plugin may impose: a deadlock
+            // fails here instead of hanging the suite.
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                decrypt(&client, &made.ciphertext, &made.key_id),
+            )
+            .await
+        }));
+    }
+    let (mut answered, mut busy) = (0, 0);
+    for call in calls {
+        match call.await? {
+            Err(_) => anyhow::bail!("a Decrypt never finished: deadlock"),
+            Ok(Ok(plaintext)) => {
+                ensure!(plaintext == seed(3));
+                answered += 1;
+            }
+            Ok(Err(status)) => {
+                ensure!(
+                    status.code() == Code::Unavailable
+                        && status.message().contains("sessions stayed busy"),
+                    "unexpected refusal {status:?}"
+                );
+                busy += 1;
+            }
+        }
+    }
+    println!(
+        "64 concurrent Decrypts over 2 sessions: {answered} answered, {busy} unavailable (busy)"
+    );
+    ensure!(answered > 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_goes_away_gives_unavailable_and_serves_again_when_back() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let (keyring, local_key_id) = Keyring::init(dir.path().join("keyring.json")).await?;
+    let plugin = PluginProcess::start(
+        plugin_options(&hsm, keyring.path())
+            .arg("--self-test-interval")
+            .arg("200ms"),
+    )
+    .await?;
+    let client = plugin.client();
+    let local = encrypt(&client, &seed(1)).await?;
+    let n = hsm.add_key(&keyring, &["--pkcs11-token", "atrest"]).await?;
+    keyring.promote(n).await?;
+    plugin.wait_for_key_id_change(&local_key_id).await?;
+    let token = encrypt(&client, &seed(2)).await?;
+
+    // SoftHSM2 keeps its tokens as files: moving the directory away is the
+    // closest it has to pulling the token. Its objects vanish at once (their
+    // handles become invalid) and it sees them again only after the module is
+    // re-initialised, which the plugin's reconnect does.
+    let away = hsm.tokens().with_extension("away");
+    std::fs::rename(hsm.tokens(), &away)?;
+    let status = eventually(
+        WAIT,
+        "Decrypt under the token KEK to fail UNAVAILABLE",
+        || {
+            let (client, token) = (client.clone(), token.clone());
+            async move {
+                match decrypt(&client, &token.ciphertext, &token.key_id).await {
+                    Err(s) if s.code() == Code::Unavailable => Ok(Some(s)),
+                    _ => Ok(None),
+                }
+            }
+        },
+    )
+    .await?;
+    assert!(status.message().contains("atrest"), "{status:?}");
+    let refused = encrypt(&client, &seed(3)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let healthz = eventually(WAIT, "healthz to name the token", || {
+        let plugin = &plugin;
+        async move {
+            let h = plugin.status().await?.healthz;
+            Ok((h != "ok").then_some(h))
+        }
+    })
+    .await?;
+    assert!(healthz.contains("token \"atrest\""), "{healthz}");
+    // The local KEK of the mixed keyring keeps working meanwhile.
+    assert_eq!(
+        decrypt(&client, &local.ciphertext, &local.key_id).await?,
+        seed(1)
+    );
+
+    std::fs::rename(&away, hsm.tokens())?;
+    eventually(WAIT, "the token KEK to serve again", || {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            Ok(decrypt(&client, &token.ciphertext, &token.key_id)
+                .await
+                .ok()
+                .filter(|p| *p == seed(2)))
+        }
+    })
+    .await?;
+    eventually(WAIT, "healthz ok again", || {
+        let plugin = &plugin;
+        async move { Ok((plugin.status().await?.healthz == "ok").then_some(())) }
+    })
+    .await?;
+    let again = encrypt(&client, &seed(4)).await?;
+    assert_eq!(
+        decrypt(&client, &again.ciphertext, &again.key_id).await?,
+        seed(4)
+    );
+    assert!(!plugin.log().contains("panicked"), "{}", plugin.log());
+    Ok(())
+}
