@@ -38,6 +38,11 @@ SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" serve --listen "unix://$wo
   --keyring "$work/keyring.json" --pkcs11-module "$module" --pkcs11-pin-file "$work/pin" \
   --pkcs11-max-sessions "${SESSIONS:-16}" 2>"$work/plugin.log" &
 plugin_pid=$!
+for _ in $(seq 100); do
+  "$bin/kms-plugin" probe --listen "unix://$work/kms.sock" >/dev/null 2>&1 && break
+  kill -0 "$plugin_pid" 2>/dev/null || { cat "$work/plugin.log" >&2; exit 1; }
+  sleep 0.1
+done
 "$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
   --methods encrypt,decrypt "$@"
 kill "$plugin_pid"; wait "$plugin_pid" 2>/dev/null || true; plugin_pid=""

@@ -373,7 +373,7 @@ async fn two_plugins_sharing_one_token_report_the_same_key_id_and_read_each_othe
     let log = a.log();
     assert!(
         log.contains("PKCS#11 usage")
-            && log.contains("module_us_per_call")
+            && log.contains("module_cpu_us_per_call")
             && log.contains("peak_sessions"),
         "{log}"
     );

@@ -221,7 +221,7 @@ impl Hsm {
             tracing::info!(
                 token = %label,
                 calls = s.calls,
-                module_us_per_call = format!("{per_call_us:.1}"),
+                module_cpu_us_per_call = format!("{per_call_us:.1}"),
                 peak_sessions = s.peak_sessions,
                 "PKCS#11 usage"
             );
