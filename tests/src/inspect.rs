@@ -26,6 +26,27 @@ pub fn vectors_dir() -> PathBuf {
     dir
 }
 
+/// The vectors document (`apiserver-written.json`) and its values as
+/// `(etcd key, stored bytes)`, in file order, ready for `EtcdServer::put_all`.
+pub fn apiserver_written() -> (serde_json::Value, Vec<(String, Vec<u8>)>) {
+    let path = vectors_dir().join("apiserver-written.json");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read the vectors"))
+            .expect("the vectors are JSON");
+    let kvs = doc["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            let stored = base64::engine::general_purpose::STANDARD
+                .decode(i["stored_b64"].as_str().expect("stored_b64"))
+                .expect("stored_b64 is base64");
+            (i["etcd_key"].as_str().expect("etcd_key").to_owned(), stored)
+        })
+        .collect();
+    (doc, kvs)
+}
+
 /// A local test key: 32 bytes of `n`, base64 (as a config's `secret:`).
 pub fn key(n: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([n; 32])

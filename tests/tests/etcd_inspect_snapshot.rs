@@ -305,22 +305,9 @@ fn corrupt_or_missing_snapshot_exits_2_naming_the_file() {
 #[test]
 fn apiserver_vectors_snapshot_equals_live_with_both_configs() {
     let dir = atrest_tests::inspect::vectors_dir();
-    let doc: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("apiserver-written.json")).unwrap())
-            .unwrap();
+    let (doc, kvs) = atrest_tests::inspect::apiserver_written();
     let key_id = doc["kms_plugin"]["key_id"].as_str().unwrap();
     let etcd = EtcdServer::start();
-    let kvs: Vec<(String, Vec<u8>)> = doc["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            let v = base64::engine::general_purpose::STANDARD
-                .decode(i["stored_b64"].as_str().unwrap())
-                .unwrap();
-            (i["etcd_key"].as_str().unwrap().to_owned(), v)
-        })
-        .collect();
     etcd.put_all(&kvs);
     let tmp = tempfile::tempdir().unwrap();
     let snap = save(&etcd, tmp.path());

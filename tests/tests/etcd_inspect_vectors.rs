@@ -41,23 +41,12 @@ fn expected_finding(item: &Value, config: &str) -> &'static str {
 #[test]
 fn apiserver_written_values_audited_with_both_configs() {
     let dir = atrest_tests::inspect::vectors_dir();
-    let doc: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("apiserver-written.json")).unwrap())
-            .unwrap();
+    let (doc, kvs) = atrest_tests::inspect::apiserver_written();
     let key_id = doc["kms_plugin"]["key_id"].as_str().unwrap();
     let items = doc["items"].as_array().unwrap();
     assert!(items.len() >= 18);
 
     let etcd = EtcdServer::start();
-    let kvs: Vec<(String, Vec<u8>)> = items
-        .iter()
-        .map(|i| {
-            let v = base64::engine::general_purpose::STANDARD
-                .decode(i["stored_b64"].as_str().unwrap())
-                .unwrap();
-            (i["etcd_key"].as_str().unwrap().to_owned(), v)
-        })
-        .collect();
     etcd.put_all(&kvs);
 
     for config in [
@@ -129,21 +118,8 @@ fn apiserver_written_values_audited_with_both_configs() {
 #[test]
 fn a_different_plugin_key_id_makes_kms_values_key_stale() {
     let dir = atrest_tests::inspect::vectors_dir();
-    let doc: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("apiserver-written.json")).unwrap())
-            .unwrap();
+    let (_, kvs) = atrest_tests::inspect::apiserver_written();
     let etcd = EtcdServer::start();
-    let kvs: Vec<(String, Vec<u8>)> = doc["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            let v = base64::engine::general_purpose::STANDARD
-                .decode(i["stored_b64"].as_str().unwrap())
-                .unwrap();
-            (i["etcd_key"].as_str().unwrap().to_owned(), v)
-        })
-        .collect();
     etcd.put_all(&kvs);
     let run = run_etcd_inspect(
         etcd.etcdctl_args().into_iter().chain([
