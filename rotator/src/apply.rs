@@ -626,6 +626,13 @@ async fn do_action(
             write_config(targets, &settings.hosts, state, index, content, hash)
         }
         Action::Keyring { step } => {
+            // Every host answers before the first host's keyring changes: a
+            // host that is already away stops the stage with nothing changed
+            // (a partly copied promote is not readable everywhere: see
+            // `crate::hostfs`).
+            for h in targets.hosts() {
+                settings.hosts.read(h, keyring_of(h)?)?;
+            }
             match step {
                 KeyringStep::AddKek => add_kek(targets, state, settings).await?,
                 KeyringStep::PromoteNewKek => promote_new_kek(targets, state, settings).await?,

@@ -45,16 +45,31 @@
 //!
 //! # A host that stops answering mid-stage
 //!
-//! Each stage writes host by host, in the config's order; a failure on host
-//! N leaves hosts before N with this stage's file and hosts from N on with
-//! the previous stage's file. Both are readable by every apiserver, because
-//! consecutive stages differ by one safe step, each proven on every host
-//! before the next begins: a new key or KEK is first added as a reader
-//! (nobody writes with it yet), then made the writer (every host can already
-//! read it), and only after the rewrite and the etcd gate removed (no value
-//! needs it). The failed stage stays `applying` in the state file; `resume`
-//! repeats it (a write of identical content is a no-op) once the host is
-//! back. Exit code 6 ([`crate::cli::Exit::Unreachable`]).
+//! Every stage first reads every host's file: a config stage its drift
+//! check, a keyring stage a pre-flight read of every keyring copy. A host
+//! that is already away therefore stops the stage before anything changed
+//! (exit 6, [`crate::cli::Exit::Unreachable`]), and `resume` repeats the stage
+//! once it is back.
+//!
+//! A host lost during the writes themselves (the moments between that read
+//! and its own write) leaves the hosts before it with this stage's file and
+//! the rest with the previous stage's. The failed stage stays `applying` in
+//! the state file; `resume` repeats it (identical content is a no-op).
+//! Whether every apiserver can read everything meanwhile depends on the step:
+//!
+//! - config stages: yes. Consecutive files differ by one step, each proven on
+//!   every host before the next: a new key or provider is added as a reader
+//!   (nobody writes with it yet), then made the writer (every host reads it
+//!   already), and removed only after the rewrite and the etcd gate (no value
+//!   needs it);
+//! - `keyring add` (a decrypt-only KEK nobody uses) and `retire` (gated like
+//!   a removal): yes;
+//! - `keyring promote`: **no**. A host still holding the add stage's keyring
+//!   cannot decrypt values its peers now write under the promoted key_id (a
+//!   plugin knows a KEK's key_ids only once its own copy promoted it) until
+//!   `resume` copies the keyring there: resume as soon as the host is back.
+//!   (Closing this needs a plugin that accepts the next key_id of a
+//!   decrypt-only KEK; the pre-flight read keeps the window to the copy loop.)
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
