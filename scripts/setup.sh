@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing atrest needs on Debian 12, when missing:
 # etcd (server + etcdctl) for the tests, protoc for the gRPC/etcd builds,
-# SoftHSM2, OpenSSH (sshd + ssh), cargo-nextest as the test runner. Safe to run again: it skips what is there.
+# SoftHSM2, OpenSSH (sshd + ssh), cargo-nextest as the test runner.
+# Safe to run again: it skips what is there.
 set -euo pipefail
 
 need_apt=()
