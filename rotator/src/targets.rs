@@ -546,7 +546,9 @@ fn shared_file(
     hosts: &[Host],
     path_of: impl Fn(&Host) -> Option<&PathBuf>,
 ) -> Option<(usize, usize)> {
-    let mut seen: BTreeMap<(Option<(String, Option<u16>)>, PathBuf), usize> = BTreeMap::new();
+    // (remote machine, path) → the first host naming it.
+    type Machine = Option<(String, Option<u16>)>;
+    let mut seen: BTreeMap<(Machine, PathBuf), usize> = BTreeMap::new();
     for (i, h) in hosts.iter().enumerate() {
         let Some(p) = path_of(h) else { continue };
         let key = match &h.ssh {
