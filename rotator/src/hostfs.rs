@@ -17,10 +17,12 @@
 //! an unknown or changed host key is refused, see [`HostError::HostKeyChanged`]),
 //! with `UserKnownHostsFile` / `IdentityFile` / port / user from the `ssh:`
 //! block and a `ConnectTimeout`. One master connection per host per run
-//! (`ControlMaster`, its socket in a private 0700 temporary directory) carries
-//! every command; it is closed when the [`HostFs`] is dropped. When the master
-//! is gone (the host went away), a call connects directly and fails as
-//! [`HostError::Unreachable`] if the host is still away.
+//! (`ControlMaster`, its socket in a private 0700 temporary directory,
+//! `ControlPersist` so it outlives a killed rotator by [`MASTER_IDLE_SECS`]
+//! at most) carries every command; it is closed when the [`HostFs`] is
+//! dropped. A master that ended (idle, or the host went away) is started
+//! again on the next call, which fails as [`HostError::Unreachable`] while
+//! the host is away.
 //!
 //! # What runs on a remote host
 //!
@@ -76,9 +78,8 @@ use std::ffi::{OsStr, OsString};
 use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -86,8 +87,8 @@ use zeroize::Zeroizing;
 use crate::fsio::{self, Written};
 use crate::targets::{Host, SshTarget};
 
-/// Masters started by this process (names their control sockets).
-static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Seconds a master connection stays after its last use (`ControlPersist`).
+pub const MASTER_IDLE_SECS: u64 = 30;
 
 /// Seconds `ssh` waits for a connection (`ConnectTimeout`).
 pub const CONNECT_TIMEOUT_SECS: u64 = 10;
@@ -237,13 +238,6 @@ impl HostError {
     }
 }
 
-/// One master connection.
-#[derive(Debug)]
-struct Master {
-    child: Child,
-    socket: PathBuf,
-}
-
 /// Files and commands on every host of one run. Holds the SSH master
 /// connections; dropping it closes them.
 #[derive(Debug)]
@@ -251,7 +245,8 @@ pub struct HostFs {
     local_plugin: PathBuf,
     /// Private (0700) directory of the control sockets, made on first use.
     dir: Mutex<Option<tempfile::TempDir>>,
-    masters: Mutex<BTreeMap<String, Master>>,
+    /// Host name → its master's control socket.
+    masters: Mutex<BTreeMap<String, PathBuf>>,
 }
 
 /// The kms-plugin binary on this machine: the configured one, else
@@ -550,81 +545,61 @@ impl HostFs {
         cmd
     }
 
-    /// The control socket of `host`, starting its master when there is none.
+    /// The control socket of `host`, starting its master when there is none
+    /// (or it ended: idle for [`MASTER_IDLE_SECS`], or the host went away).
     fn socket(&self, host: &Host, ssh: &SshTarget) -> Result<PathBuf, HostError> {
         let mut masters = self
             .masters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(m) = masters.get_mut(&host.name) {
-            // A master that ended (the host went away) is started again.
-            if matches!(m.child.try_wait(), Ok(None)) {
-                return Ok(m.socket.clone());
+        let socket = match masters.get(&host.name) {
+            Some(s) => s.clone(),
+            None => {
+                let mut dir = self
+                    .dir
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let d = match &*dir {
+                    Some(d) => d.path().to_owned(),
+                    None => {
+                        // tempfile makes directories 0700.
+                        let made = tempfile::Builder::new()
+                            .prefix("rotator-ssh-")
+                            .tempdir()
+                            .map_err(HostError::ControlDir)?;
+                        let path = made.path().to_owned();
+                        *dir = Some(made);
+                        path
+                    }
+                };
+                let s = d.join(masters.len().to_string());
+                masters.insert(host.name.clone(), s.clone());
+                s
             }
-            let socket = m.socket.clone();
-            masters.remove(&host.name);
-            let _ = std::fs::remove_file(&socket);
-        }
-        let socket = {
-            let mut dir = self
-                .dir
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if dir.is_none() {
-                // tempfile makes directories 0700.
-                *dir = Some(
-                    tempfile::Builder::new()
-                        .prefix("rotator-ssh-")
-                        .tempdir()
-                        .map_err(HostError::ControlDir)?,
-                );
-            }
-            // Some(...) was set just above.
-            let d = dir
-                .as_ref()
-                .map(|d| d.path().to_owned())
-                .unwrap_or_default();
-            let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            d.join(n.to_string())
         };
-        let errfile = socket.with_extension("err");
-        let stderr = std::fs::File::create(&errfile).map_err(HostError::ControlDir)?;
-        let mut cmd = Self::ssh_base(ssh, &socket);
-        cmd.args(["-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-N"])
+        if socket.exists() {
+            return Ok(socket);
+        }
+        // The master authenticates, runs `true`, then stays in the background
+        // (stdio on /dev/null) until MASTER_IDLE_SECS after its last client,
+        // so a killed rotator leaves no connection behind for long.
+        let out = Self::ssh_base(ssh, &socket)
+            .args(["-o", "ControlMaster=yes", "-o"])
+            .arg(format!("ControlPersist={MASTER_IDLE_SECS}"))
             .arg("--")
             .arg(&ssh.host)
+            .arg("true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr);
-        let mut child = cmd.spawn().map_err(|source| HostError::Ssh {
-            program: "ssh".into(),
-            source,
-        })?;
-        // Ready when the control socket appears (ssh makes it after
-        // authentication); failed when ssh ends first.
-        let deadline = Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS * 3);
-        loop {
-            if socket.exists() {
-                break;
-            }
-            let ended = child.try_wait().ok().flatten();
-            if ended.is_some() || Instant::now() > deadline {
-                if ended.is_none() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                let err = std::fs::read(&errfile).unwrap_or_default();
-                return Err(transport_error(host, &err));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|source| HostError::Ssh {
+                program: "ssh".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(transport_error(host, &out.stderr));
         }
-        masters.insert(
-            host.name.clone(),
-            Master {
-                child,
-                socket: socket.clone(),
-            },
-        );
         Ok(socket)
     }
 
@@ -675,22 +650,18 @@ impl Drop for HostFs {
                 .get_mut()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        for (_, mut m) in masters {
-            // Ask the master to end, then make sure it did (our own child).
+        for socket in masters.into_values().filter(|s| s.exists()) {
+            let mut cp = OsString::from("ControlPath=");
+            cp.push(&socket);
+            // Ends the master through its own socket.
             let _ = Command::new("ssh")
                 .arg("-o")
-                .arg({
-                    let mut cp = OsString::from("ControlPath=");
-                    cp.push(&m.socket);
-                    cp
-                })
+                .arg(cp)
                 .args(["-O", "exit", "rotator-master"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
-            let _ = m.child.kill();
-            let _ = m.child.wait();
         }
     }
 }
