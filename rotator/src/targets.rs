@@ -520,6 +520,24 @@ impl Targets {
         if !prefix.starts_with('/') {
             return Err(field("etcd.prefix".into(), "must start with /"));
         }
+        let kek_pkcs11 = raw.kek.and_then(|k| k.pkcs11);
+        if hosts[0].ssh.is_some()
+            && let Some(p) = &kek_pkcs11
+        {
+            // They are paths on the first host, where `keyring add` runs.
+            for (name, path) in [
+                ("module", Some(&p.module)),
+                ("pinFile", p.pin_file.as_ref()),
+            ] {
+                if path.is_some_and(|p| !p.is_absolute()) {
+                    return Err(field(
+                        format!("kek.pkcs11.{name}"),
+                        "must be an absolute path on the first host (it has ssh:)",
+                    ));
+                }
+            }
+        }
+        let first_is_local = hosts[0].ssh.is_none();
         Ok(Targets {
             hosts,
             etcd: EtcdTarget {
@@ -530,9 +548,11 @@ impl Targets {
                 prefix,
             },
             kms_plugin: raw.kms_plugin.map(abs),
-            kek_pkcs11: raw.kek.and_then(|k| k.pkcs11).map(|mut p| {
-                p.module = abs(p.module);
-                p.pin_file = p.pin_file.map(abs);
+            kek_pkcs11: kek_pkcs11.map(|mut p| {
+                if first_is_local {
+                    p.module = abs(p.module);
+                    p.pin_file = p.pin_file.map(abs);
+                }
                 p
             }),
         })
@@ -802,6 +822,31 @@ etcd:
             let e = parse(&remote.replace(from, to)).unwrap_err();
             assert!(e.contains(field), "{to}: {e}");
         }
+        // A remote first host's PKCS#11 paths are paths there.
+        let first_remote = remote
+            .replace("name: cp1\n", "name: cp0\n")
+            .replace("name: cp2\n", "name: cp1\n");
+        let first_remote = {
+            // cp1 (remote) first.
+            let (head, rest) = first_remote.split_once("  - name: cp0").unwrap();
+            let (cp0, tail) = rest.split_once("  - name: cp1").unwrap();
+            let (cp1, etcd) = tail.split_once("etcd:").unwrap();
+            format!("{head}  - name: cp1{cp1}  - name: cp0{cp0}etcd:{etcd}")
+        };
+        let t = parse(&format!(
+            "{first_remote}kek:\n  pkcs11:\n    module: /usr/lib/softhsm/libsofthsm2.so\n    token: t\n"
+        ))
+        .unwrap();
+        assert!(t.first().ssh.is_some());
+        assert_eq!(
+            t.kek_pkcs11.unwrap().module,
+            Path::new("/usr/lib/softhsm/libsofthsm2.so")
+        );
+        let e = parse(&format!(
+            "{first_remote}kek:\n  pkcs11:\n    module: lib.so\n    token: t\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("kek.pkcs11.module"), "{e}");
         let e = parse(&remote.replace("port: 2222", "password: hunter2")).unwrap_err();
         assert!(e.contains("unknown field") && !e.contains("hunter2"), "{e}");
         let e = parse(&remote.replace("port: 2222", "port: 99999")).unwrap_err();
