@@ -487,7 +487,9 @@ impl HostFs {
     /// Runs the kms-plugin with `args` on `host` (local: the configured
     /// binary; remote: `ssh.kmsPlugin`, else `kms-plugin` from the remote
     /// `PATH`) and returns its output whatever its exit status. Err only when
-    /// it could not be run (or the host could not be reached).
+    /// it could not be run (or the host could not be reached: over SSH an
+    /// exit status of 255 is ssh's own, so a remote program exiting 255 reads
+    /// as [`HostError::Unreachable`]; the plugin's exit codes are all below 10).
     pub fn kms_plugin<I, S>(&self, host: &Host, args: I) -> Result<Output, HostError>
     where
         I: IntoIterator<Item = S>,
