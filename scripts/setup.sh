@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing atrest needs on Debian 12, when missing:
 # etcd (server + etcdctl) for the tests, protoc for the gRPC/etcd builds,
-# cargo-nextest as the test runner. Safe to run again: it skips what is there.
+# SoftHSM2, OpenSSH (sshd + ssh), cargo-nextest as the test runner.
+# Safe to run again: it skips what is there.
 set -euo pipefail
 
 need_apt=()
@@ -11,6 +12,9 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # SoftHSM2 and pkcs11-tool for the PKCS#11 (HSM) tests.
 [ -f /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+# OpenSSH server and client for the rotator's hosts-over-SSH tests (each test starts its own sshd).
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   sudo_cmd=""

@@ -1,8 +1,12 @@
 //! Running a plan: the state machine of [`crate::state`], stage by stage, on
 //! every host, saving the state file after every step so that a kill at any
-//! point resumes safely.
+//! point resumes safely. Every host file is read and written, and every
+//! kms-plugin CLI call runs, through [`HostFs`] (local or over SSH; why a
+//! stage that stops at an unreachable host leaves every host readable: see
+//! [`crate::hostfs`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -14,6 +18,7 @@ use storage_encryption::{EncryptionConfiguration, config_file_hash, key_id_hash}
 use crate::apiserver::{ApiError, Apiserver};
 use crate::fsio::{self, Written};
 use crate::gate::{self, GateError, GateReport};
+use crate::hostfs::{HostError, HostFs};
 use crate::keyring::{KeyringCli, KeyringError};
 use crate::plan::{self, Action, Gate, KeyringStep, Operation, Plan, PlanError};
 use crate::proof::{self, ProofSettings, ProofTimeout, Wanted};
@@ -38,6 +43,8 @@ pub struct ApplySettings {
     pub rewrite_via: usize,
     /// The kms-plugin CLI.
     pub keyring_cli: KeyringCli,
+    /// Files and commands on the hosts (one per run: holds the SSH masters).
+    pub hosts: Arc<HostFs>,
     /// Stop after this many stages (for operators who go one stage at a time).
     pub max_stages: Option<usize>,
 }
@@ -85,6 +92,9 @@ pub enum ApplyError {
     /// A host file could not be written.
     #[error(transparent)]
     Write(#[from] fsio::WriteError),
+    /// A host file or command failed, or the host could not be reached.
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// The apiserver client failed.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -139,6 +149,8 @@ pub mod exit {
     pub const PROOF_TIMEOUT: u8 = Exit::ProofTimeout.code();
     /// State conflict: an unfinished run exists, none to resume, or host files drifted.
     pub const STATE: u8 = Exit::State.code();
+    /// A host could not be reached (named), or its SSH host key changed (refused).
+    pub const UNREACHABLE: u8 = Exit::Unreachable.code();
 }
 
 impl ApplyError {
@@ -150,6 +162,9 @@ impl ApplyError {
             Self::Proof { .. } => exit::PROOF_TIMEOUT,
             Self::Drift { .. } | Self::StateConflict(_) | Self::Inconsistent(_) => exit::STATE,
             Self::State(e) if e.is_conflict() => exit::STATE,
+            Self::Host(e) | Self::Keyring(KeyringError::Host(e)) if e.is_unreachable() => {
+                exit::UNREACHABLE
+            }
             _ => exit::FAILURE,
         }
     }
@@ -170,31 +185,20 @@ pub struct Inputs {
     pub keyring: Option<Listing>,
 }
 
-fn read_opt(host: &str, path: &Path) -> Result<Option<Vec<u8>>, ApplyError> {
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ApplyError::Read {
-            host: host.to_owned(),
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
 /// The file `path_of` names on every host, which must be byte-identical
 /// everywhere (`None` when no host has it). `what` names it in messages.
 fn same_on_every_host(
     targets: &Targets,
+    fs: &HostFs,
     what: &str,
     path_of: impl Fn(&Host) -> Result<&Path, ApplyError>,
 ) -> Result<Option<Zeroizing<Vec<u8>>>, ApplyError> {
     let first = targets.first();
     let first_path = path_of(first)?;
-    let bytes = read_opt(&first.name, first_path)?.map(Zeroizing::new);
+    let bytes = fs.read(first, first_path)?;
     for h in targets.others() {
         let path = path_of(h)?;
-        if read_opt(&h.name, path)?.map(Zeroizing::new) != bytes {
+        if fs.read(h, path)? != bytes {
             return Err(ApplyError::Drift {
                 message: format!(
                     "the {what} files of hosts {} ({}) and {} ({}) differ; make them identical first",
@@ -219,14 +223,17 @@ fn keyring_of(h: &Host) -> Result<&Path, ApplyError> {
     })
 }
 
-/// The kms-plugin CLI, run off the async workers (it waits for a child process).
+/// The kms-plugin CLI on `host`, run off the async workers (it waits for a
+/// child process).
 async fn keyring_cli<T: Send + 'static>(
-    cli: &KeyringCli,
+    settings: (&Arc<HostFs>, &KeyringCli),
+    host: &Host,
     keyring: &Path,
-    call: impl FnOnce(&KeyringCli, &Path) -> Result<T, KeyringError> + Send + 'static,
+    call: impl FnOnce(&KeyringCli, &HostFs, &Host, &Path) -> Result<T, KeyringError> + Send + 'static,
 ) -> Result<T, ApplyError> {
-    let (cli, keyring) = (cli.clone(), keyring.to_owned());
-    Ok(tokio::task::spawn_blocking(move || call(&cli, &keyring)).await??)
+    let (fs, cli) = (settings.0.clone(), settings.1.clone());
+    let (host, keyring) = (host.clone(), keyring.to_owned());
+    Ok(tokio::task::spawn_blocking(move || call(&cli, &fs, &host, &keyring)).await??)
 }
 
 /// Reads every host's config (they must be identical) and, for `rotate-kek`,
@@ -234,9 +241,10 @@ async fn keyring_cli<T: Send + 'static>(
 pub async fn gather(
     targets: &Targets,
     op: &Operation,
+    fs: &Arc<HostFs>,
     cli: &KeyringCli,
 ) -> Result<Inputs, ApplyError> {
-    let raw = same_on_every_host(targets, "EncryptionConfiguration", |h| {
+    let raw = same_on_every_host(targets, fs, "EncryptionConfiguration", |h| {
         Ok(&h.encryption_config)
     })?;
     let (raw, config) = match raw {
@@ -259,7 +267,7 @@ pub async fn gather(
         }
     };
     let keyring = if matches!(op, Operation::RotateKek) {
-        if same_on_every_host(targets, "keyring", keyring_of)?.is_none() {
+        if same_on_every_host(targets, fs, "keyring", keyring_of)?.is_none() {
             let h = targets.first();
             return Err(ApplyError::Drift {
                 message: format!(
@@ -269,8 +277,9 @@ pub async fn gather(
                 ),
             });
         }
-        let path = keyring_of(targets.first())?;
-        Some(keyring_cli(cli, path, |c, p| c.list(p)).await?)
+        let first = targets.first();
+        let path = keyring_of(first)?;
+        Some(keyring_cli((fs, cli), first, path, |c, f, h, p| c.list(f, h, p)).await?)
     } else {
         None
     };
@@ -285,9 +294,10 @@ pub async fn gather(
 pub async fn make_plan(
     targets: &Targets,
     op: &Operation,
+    fs: &Arc<HostFs>,
     cli: &KeyringCli,
 ) -> Result<Plan, ApplyError> {
-    let inputs = gather(targets, op, cli).await?;
+    let inputs = gather(targets, op, fs, cli).await?;
     let mut plan = plan::build(
         op,
         inputs.config.as_ref(),
@@ -323,7 +333,7 @@ pub async fn apply(
             old.plan.stages.len()
         )));
     }
-    let plan = make_plan(targets, op, &settings.keyring_cli).await?;
+    let plan = make_plan(targets, op, &settings.hosts, &settings.keyring_cli).await?;
     if settings.state_path.exists() {
         // Keep the finished run's file (it holds the keys it generated) beside the new one.
         let kept = PathBuf::from(format!(
@@ -548,6 +558,7 @@ async fn run_gate(
 /// A host's config must be what the previous stage wrote or what this one writes.
 fn check_drift(
     targets: &Targets,
+    fs: &HostFs,
     state: &State,
     index: usize,
     new_hash: &str,
@@ -557,7 +568,9 @@ fn check_drift(
         .config_before(index)
         .map(|t| config_file_hash(t.expose().as_bytes()));
     for h in targets.hosts() {
-        let found = read_opt(&h.name, &h.encryption_config)?.map(|b| config_file_hash(&b));
+        let found = fs
+            .read(h, &h.encryption_config)?
+            .map(|b| config_file_hash(&b));
         if found.as_deref() == Some(new_hash) || found == before {
             continue;
         }
@@ -577,17 +590,19 @@ fn check_drift(
 }
 
 /// Copies the first host's keyring file to every other host.
-fn distribute_keyring(targets: &Targets, state: &mut State) -> Result<(), ApplyError> {
+fn distribute_keyring(targets: &Targets, fs: &HostFs, state: &mut State) -> Result<(), ApplyError> {
     let first = targets.first();
     let src = keyring_of(first)?;
-    let bytes = Zeroizing::new(std::fs::read(src).map_err(|source| ApplyError::Read {
-        host: first.name.clone(),
-        path: src.to_owned(),
-        source,
-    })?);
+    let bytes = fs.read(first, src)?.ok_or_else(|| ApplyError::Drift {
+        message: format!(
+            "keyring {} of host {} does not exist",
+            src.display(),
+            first.name
+        ),
+    })?;
     for h in targets.others() {
         let dst = keyring_of(h)?;
-        if fsio::replace(dst, &bytes)? != Written::Unchanged {
+        if fs.replace(h, dst, &bytes)? != Written::Unchanged {
             state.event(format!(
                 "copied the keyring to {} ({})",
                 h.name,
@@ -607,14 +622,23 @@ async fn do_action(
     settings: &ApplySettings,
 ) -> Result<(), ApplyError> {
     match action {
-        Action::WriteConfig { content, hash } => write_config(targets, state, index, content, hash),
+        Action::WriteConfig { content, hash } => {
+            write_config(targets, &settings.hosts, state, index, content, hash)
+        }
         Action::Keyring { step } => {
+            // Every host answers before the first host's keyring changes: a
+            // host that is already away stops the stage with nothing changed
+            // (a partly copied promote is not readable everywhere: see
+            // `crate::hostfs`).
+            for h in targets.hosts() {
+                settings.hosts.read(h, keyring_of(h)?)?;
+            }
             match step {
                 KeyringStep::AddKek => add_kek(targets, state, settings).await?,
                 KeyringStep::PromoteNewKek => promote_new_kek(targets, state, settings).await?,
                 KeyringStep::RetireOldKek => retire_old_kek(targets, state, settings).await?,
             }
-            distribute_keyring(targets, state)
+            distribute_keyring(targets, &settings.hosts, state)
         }
         Action::Rewrite { resources } => rewrite_all(apis, state, resources, settings).await,
     }
@@ -624,14 +648,15 @@ async fn do_action(
 /// already has it is left alone), after checking no host drifted.
 fn write_config(
     targets: &Targets,
+    fs: &HostFs,
     state: &mut State,
     index: usize,
     content: &SecretText,
     hash: &str,
 ) -> Result<(), ApplyError> {
-    check_drift(targets, state, index, hash)?;
+    check_drift(targets, fs, state, index, hash)?;
     for h in targets.hosts() {
-        match fsio::replace(&h.encryption_config, content.expose().as_bytes())? {
+        match fs.replace(h, &h.encryption_config, content.expose().as_bytes())? {
             Written::Replaced | Written::Created => state.event(format!(
                 "wrote {hash} to {} ({})",
                 h.name,
@@ -650,9 +675,10 @@ async fn add_kek(
     state: &mut State,
     settings: &ApplySettings,
 ) -> Result<(), ApplyError> {
-    let cli = &settings.keyring_cli;
-    let k0 = keyring_of(targets.first())?;
-    let info = keyring_cli(cli, k0, |c, p| c.list(p)).await?;
+    let cli = (&settings.hosts, &settings.keyring_cli);
+    let h0 = targets.first();
+    let k0 = keyring_of(h0)?;
+    let info = keyring_cli(cli, h0, k0, |c, f, h, p| c.list(f, h, p)).await?;
     if state.kek.keks_before_add.is_none() {
         record_old_kek(state, &info, k0)?;
         state.save(&settings.state_path)?;
@@ -667,8 +693,8 @@ async fn add_kek(
     let new = match added(&info) {
         Some(k) => k,
         None => {
-            keyring_cli(cli, k0, |c, p| c.add(p)).await?;
-            let info = keyring_cli(cli, k0, |c, p| c.list(p)).await?;
+            keyring_cli(cli, h0, k0, |c, f, h, p| c.add(f, h, p)).await?;
+            let info = keyring_cli(cli, h0, k0, |c, f, h, p| c.list(f, h, p)).await?;
             added(&info).ok_or_else(|| {
                 ApplyError::Inconsistent(format!("`keyring add` on {} added no KEK", k0.display()))
             })?
@@ -725,16 +751,21 @@ async fn promote_new_kek(
     state: &mut State,
     settings: &ApplySettings,
 ) -> Result<(), ApplyError> {
-    let cli = &settings.keyring_cli;
-    let k0 = keyring_of(targets.first())?;
+    let cli = (&settings.hosts, &settings.keyring_cli);
+    let h0 = targets.first();
+    let k0 = keyring_of(h0)?;
     let new = state
         .kek
         .new_kek
         .ok_or_else(|| ApplyError::Inconsistent("no new KEK recorded".into()))?;
-    if keyring_cli(cli, k0, |c, p| c.list(p)).await?.primary != new {
-        keyring_cli(cli, k0, move |c, p| c.promote(p, new)).await?;
+    if keyring_cli(cli, h0, k0, |c, f, h, p| c.list(f, h, p))
+        .await?
+        .primary
+        != new
+    {
+        keyring_cli(cli, h0, k0, move |c, f, h, p| c.promote(f, h, p, new)).await?;
     }
-    let info = keyring_cli(cli, k0, |c, p| c.list(p)).await?;
+    let info = keyring_cli(cli, h0, k0, |c, f, h, p| c.list(f, h, p)).await?;
     let key_id = info
         .kek(new)
         .and_then(|k| k.key_id.clone())
@@ -756,18 +787,19 @@ async fn retire_old_kek(
     state: &mut State,
     settings: &ApplySettings,
 ) -> Result<(), ApplyError> {
-    let cli = &settings.keyring_cli;
-    let k0 = keyring_of(targets.first())?;
+    let cli = (&settings.hosts, &settings.keyring_cli);
+    let h0 = targets.first();
+    let k0 = keyring_of(h0)?;
     let old = state
         .kek
         .old_kek
         .ok_or_else(|| ApplyError::Inconsistent("no old KEK recorded".into()))?;
-    if keyring_cli(cli, k0, |c, p| c.list(p))
+    if keyring_cli(cli, h0, k0, |c, f, h, p| c.list(f, h, p))
         .await?
         .kek(old)
         .is_some()
     {
-        keyring_cli(cli, k0, move |c, p| c.retire(p, old)).await?;
+        keyring_cli(cli, h0, k0, move |c, f, h, p| c.retire(f, h, p, old)).await?;
     }
     state.event(format!("KEK {old} retired"));
     Ok(())

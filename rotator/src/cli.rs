@@ -8,7 +8,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use cli_kit::duration::at_least;
 
+use std::sync::Arc;
+
 use crate::apply::{self, ApplyError, ApplySettings, exit};
+use crate::hostfs::{HostFs, locate_plugin};
 use crate::keyring::KeyringCli;
 use crate::plan::{KmsSpec, NewProvider, Operation};
 use crate::proof::ProofSettings;
@@ -31,6 +34,8 @@ cli_kit::exit_codes! {
         ProofTimeout = 4 => "an apiserver did not prove the stage in time (named, with what it shows)",
         /// State conflict.
         State = 5 => "state conflict: an unfinished run exists, nothing to resume, or a host file changed",
+        /// A host could not be reached over SSH, or its host key changed.
+        Unreachable = 6 => "a host could not be reached, or its SSH host key changed (named, refused); every host stays readable: resume when it is back",
     }
 }
 
@@ -348,15 +353,16 @@ fn settings(cli: &Cli, run: &RunArgs, targets: &Targets) -> Result<ApplySettings
             message: "must be at least 1".into(),
         });
     }
-    let keyring_cli =
-        KeyringCli::locate(run.kms_plugin.as_deref().or(targets.kms_plugin.as_deref()))
-            .with_add_flags(
-                targets
-                    .kek_pkcs11
-                    .as_ref()
-                    .map(crate::targets::KekPkcs11::add_flags)
-                    .unwrap_or_default(),
-            );
+    let hosts = Arc::new(HostFs::new(locate_plugin(
+        run.kms_plugin.as_deref().or(targets.kms_plugin.as_deref()),
+    )));
+    let keyring_cli = KeyringCli::new().with_add_flags(
+        targets
+            .kek_pkcs11
+            .as_ref()
+            .map(crate::targets::KekPkcs11::add_flags)
+            .unwrap_or_default(),
+    );
     Ok(ApplySettings {
         state_path: cli.state.clone(),
         proof: ProofSettings {
@@ -372,6 +378,7 @@ fn settings(cli: &Cli, run: &RunArgs, targets: &Targets) -> Result<ApplySettings
         plugin_settle: run.plugin_settle,
         rewrite_via,
         keyring_cli,
+        hosts,
         max_stages: run.stages,
     })
 }
@@ -452,8 +459,8 @@ pub async fn run(cli: Cli) -> u8 {
                 Ok(o) => o,
                 Err(e) => return fail(&e, exit::USAGE),
             };
-            let cli_bin = KeyringCli::locate(targets.kms_plugin.as_deref());
-            apply::make_plan(&targets, &op, &cli_bin)
+            let hosts = Arc::new(HostFs::new(locate_plugin(targets.kms_plugin.as_deref())));
+            apply::make_plan(&targets, &op, &hosts, &KeyringCli::new())
                 .await
                 .map(|plan| out(&crate::render::render_plan(&plan, &targets)))
         }
@@ -467,7 +474,7 @@ pub async fn run(cli: Cli) -> u8 {
                 Err(e) => return fail(&e, exit::USAGE),
             };
             if run.dry_run {
-                match apply::make_plan(&targets, &op, &s.keyring_cli).await {
+                match apply::make_plan(&targets, &op, &s.hosts, &s.keyring_cli).await {
                     Ok(plan) => {
                         out(&crate::render::render_plan(&plan, &targets));
                         out("\n");

@@ -9,27 +9,31 @@
 //! The listing is the `keyring` crate's [`Listing`]; the rotator reads only a
 //! listing whose `format` it knows (why the rotator drives the CLI instead of
 //! linking the crate: see the `keyring` crate docs).
+//!
+//! The CLI runs on the host that holds the keyring, through
+//! [`HostFs::kms_plugin`](crate::hostfs::HostFs::kms_plugin): the local binary
+//! for a local host, the host's own `kms-plugin` over SSH for a remote one.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ::keyring::{LISTING_FORMAT, Listing};
+
+use crate::hostfs::{HostError, HostFs};
+use crate::targets::Host;
 
 /// The CLI failed or said something unexpected.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
-    /// The binary could not be started.
-    #[error("cannot run {bin}: {source} (set kmsPlugin in the rotator config or --kms-plugin)")]
-    Spawn {
-        /// The binary.
-        bin: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The binary could not be started, or its host not reached.
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// It exited non-zero.
-    #[error("`kms-plugin keyring {action} --keyring {keyring}` failed ({status}): {stderr}")]
+    #[error(
+        "`kms-plugin keyring {action} --keyring {keyring}` on host {host} failed ({status}): {stderr}"
+    )]
     Failed {
+        /// Host name.
+        host: String,
         /// Sub-command.
         action: String,
         /// Keyring path.
@@ -52,27 +56,23 @@ pub enum KeyringError {
         "`{bin} keyring list` prints listing format {found}, but this rotator reads {LISTING_FORMAT:?}: use the kms-plugin released with this rotator"
     )]
     UnknownFormat {
-        /// The binary.
-        bin: PathBuf,
+        /// The binary (and its host, when remote).
+        bin: String,
         /// What it printed (escaped, shortened), or `none`.
         found: String,
     },
 }
 
-/// Runs the kms-plugin binary's keyring sub-commands.
-#[derive(Debug, Clone)]
+/// Runs the kms-plugin binary's keyring sub-commands on a host.
+#[derive(Debug, Clone, Default)]
 pub struct KeyringCli {
-    bin: PathBuf,
     add_flags: Vec<String>,
 }
 
 impl KeyringCli {
-    /// Uses `bin`.
-    pub fn new(bin: PathBuf) -> Self {
-        Self {
-            bin,
-            add_flags: Vec::new(),
-        }
+    /// No extra flags.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Extra flags for `keyring add` (e.g. the PKCS#11 ones that put the new
@@ -82,96 +82,113 @@ impl KeyringCli {
         self
     }
 
-    /// The binary: the configured one, else `kms-plugin` beside this
-    /// executable, else `kms-plugin` from `PATH`.
-    pub fn locate(configured: Option<&Path>) -> Self {
-        if let Some(p) = configured {
-            return Self::new(p.to_owned());
-        }
-        let beside = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|d| d.join("kms-plugin")))
-            .filter(|p| p.is_file());
-        Self::new(beside.unwrap_or_else(|| PathBuf::from("kms-plugin")))
-    }
-
-    /// The binary used.
-    pub fn bin(&self) -> &Path {
-        &self.bin
-    }
-
-    fn run(&self, keyring: &Path, action: &str, extra: &[String]) -> Result<String, KeyringError> {
-        let out = Command::new(&self.bin)
-            .arg("keyring")
-            .arg(action)
-            .arg("--keyring")
-            .arg(keyring)
-            .args(extra)
-            .output()
-            .map_err(|source| KeyringError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
+    fn run(
+        &self,
+        at: (&HostFs, &Host),
+        keyring: &Path,
+        action: &str,
+        extra: &[String],
+    ) -> Result<String, KeyringError> {
+        let (fs, host) = at;
+        let mut args = vec![
+            "keyring".into(),
+            action.into(),
+            "--keyring".into(),
+            keyring.as_os_str().to_owned(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        let out = fs.kms_plugin(host, &args)?;
         if !out.status.success() {
             return Err(KeyringError::Failed {
+                host: host.name.clone(),
                 action: action.to_owned(),
                 keyring: keyring.to_owned(),
                 status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                stderr: cli_kit::escape::escape_control(
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                )
+                .into_owned(),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    /// `keyring list --output json`.
-    pub fn list(&self, keyring: &Path) -> Result<Listing, KeyringError> {
-        let text = self.run(keyring, "list", &["--output".into(), "json".into()])?;
-        self.parse_listing(keyring, &text)
-    }
-
-    /// Reads a listing, refusing one whose `format` is not [`LISTING_FORMAT`]
-    /// before looking at anything else in it.
-    fn parse_listing(&self, keyring: &Path, text: &str) -> Result<Listing, KeyringError> {
-        #[derive(serde::Deserialize)]
-        struct Format {
-            format: Option<serde_json::Value>,
-        }
-        let bad_json = |e: serde_json::Error| KeyringError::BadJson {
-            keyring: keyring.to_owned(),
-            message: e.to_string(),
-        };
-        let format = serde_json::from_str::<Format>(text)
-            .map_err(bad_json)?
-            .format;
-        if format.as_ref().and_then(|f| f.as_str()) != Some(LISTING_FORMAT) {
-            let found = match format {
-                None => "none (a kms-plugin older than listing formats)".to_owned(),
-                // JSON text: quoted, control characters escaped.
-                Some(f) => f.to_string().chars().take(80).collect(),
-            };
-            return Err(KeyringError::UnknownFormat {
-                bin: self.bin.clone(),
-                found,
-            });
-        }
-        serde_json::from_str(text).map_err(bad_json)
+    /// `keyring list --output json` of `keyring` on `host`.
+    pub fn list(&self, fs: &HostFs, host: &Host, keyring: &Path) -> Result<Listing, KeyringError> {
+        let text = self.run(
+            (fs, host),
+            keyring,
+            "list",
+            &["--output".into(), "json".into()],
+        )?;
+        parse_listing(&fs.plugin_name(host), keyring, &text)
     }
 
     /// `keyring add`: a new decrypt-only KEK. Returns its number.
-    pub fn add(&self, keyring: &Path) -> Result<String, KeyringError> {
-        self.run(keyring, "add", &self.add_flags)
+    pub fn add(&self, fs: &HostFs, host: &Host, keyring: &Path) -> Result<String, KeyringError> {
+        self.run((fs, host), keyring, "add", &self.add_flags)
     }
 
     /// `keyring promote --kek N`. Returns the new primary key_id.
-    pub fn promote(&self, keyring: &Path, kek: u32) -> Result<String, KeyringError> {
-        self.run(keyring, "promote", &["--kek".into(), kek.to_string()])
+    pub fn promote(
+        &self,
+        fs: &HostFs,
+        host: &Host,
+        keyring: &Path,
+        kek: u32,
+    ) -> Result<String, KeyringError> {
+        self.run(
+            (fs, host),
+            keyring,
+            "promote",
+            &["--kek".into(), kek.to_string()],
+        )
     }
 
     /// `keyring retire --kek N`.
-    pub fn retire(&self, keyring: &Path, kek: u32) -> Result<(), KeyringError> {
-        self.run(keyring, "retire", &["--kek".into(), kek.to_string()])
-            .map(|_| ())
+    pub fn retire(
+        &self,
+        fs: &HostFs,
+        host: &Host,
+        keyring: &Path,
+        kek: u32,
+    ) -> Result<(), KeyringError> {
+        self.run(
+            (fs, host),
+            keyring,
+            "retire",
+            &["--kek".into(), kek.to_string()],
+        )
+        .map(|_| ())
     }
+}
+
+/// Reads a listing printed by `bin`, refusing one whose `format` is not
+/// [`LISTING_FORMAT`] before looking at anything else in it.
+fn parse_listing(bin: &str, keyring: &Path, text: &str) -> Result<Listing, KeyringError> {
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: Option<serde_json::Value>,
+    }
+    let bad_json = |e: serde_json::Error| KeyringError::BadJson {
+        keyring: keyring.to_owned(),
+        message: e.to_string(),
+    };
+    let format = serde_json::from_str::<Format>(text)
+        .map_err(bad_json)?
+        .format;
+    if format.as_ref().and_then(|f| f.as_str()) != Some(LISTING_FORMAT) {
+        let found = match format {
+            None => "none (a kms-plugin older than listing formats)".to_owned(),
+            // JSON text: quoted, control characters escaped.
+            Some(f) => f.to_string().chars().take(80).collect(),
+        };
+        return Err(KeyringError::UnknownFormat {
+            bin: bin.to_owned(),
+            found,
+        });
+    }
+    serde_json::from_str(text).map_err(bad_json)
 }
 
 #[cfg(test)]
@@ -180,12 +197,11 @@ mod tests {
 
     #[test]
     fn reads_the_listing_of_its_format() {
-        let cli = KeyringCli::new(PathBuf::from("kms-plugin"));
         let text = r#"{"format":"atrest.keyring.list/v1","generation":3,"primary":2,"key_id":"b2","keks":[
             {"kek":1,"state":"decrypt-only","created":"2026-01-01T00:00:00Z","fingerprint":"f1","key_id":"a","key_ids":["a"]},
             {"kek":2,"state":"primary","created":"2026-01-02T00:00:00Z","fingerprint":"f2","key_id":"b2","key_ids":["b1","b2"]},
             {"kek":3,"state":"decrypt-only","created":"x","fingerprint":"f3","key_id":null,"key_ids":[]}]}"#;
-        let info = cli.parse_listing(Path::new("k"), text).unwrap();
+        let info = parse_listing("kms-plugin", Path::new("k"), text).unwrap();
         assert_eq!(info.primary_kek().unwrap().key_id.as_deref(), Some("b2"));
         assert_eq!(info.kek(3).unwrap().key_id, None);
         assert_eq!(info.kek(1).unwrap().state, ::keyring::KekState::DecryptOnly);
@@ -194,7 +210,6 @@ mod tests {
 
     #[test]
     fn refuses_a_listing_of_another_or_no_format() {
-        let cli = KeyringCli::new(PathBuf::from("/opt/old/kms-plugin"));
         let body = r#""generation":3,"primary":2,"keks":[{"kek":2,"state":"primary","key_id":"b","key_ids":["b"]}]"#;
         for (text, want) in [
             (format!("{{{body}}}"), "none"),
@@ -204,7 +219,7 @@ mod tests {
             ),
             (format!(r#"{{"format":7,{body}}}"#), "format 7,"),
         ] {
-            let e = cli.parse_listing(Path::new("k"), &text).unwrap_err();
+            let e = parse_listing("/opt/old/kms-plugin", Path::new("k"), &text).unwrap_err();
             assert!(matches!(e, KeyringError::UnknownFormat { .. }), "{e}");
             let shown = e.to_string();
             assert!(

@@ -21,6 +21,7 @@
 //! | rewrite of every object through the API | [`rewrite`] |
 //! | the etcd audit gate before a removal (etcd-inspect's library) | [`gate`] |
 //! | the kms-plugin keyring CLI | [`keyring`] |
+//! | files and commands on a host, local or over SSH | [`hostfs`] |
 //! | flags, exit codes | [`cli`] |
 //!
 //! Keys are generated here ([`keygen`]), never typed on a command line, and
@@ -34,6 +35,7 @@ pub mod apply;
 pub mod cli;
 pub mod fsio;
 pub mod gate;
+pub mod hostfs;
 pub mod keygen;
 pub mod keyring;
 pub mod metrics;

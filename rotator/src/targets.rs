@@ -14,6 +14,11 @@
 //!       # kubeconfig: /root/.kube/config        # instead of url
 //!       # context: admin@cp1
 //!     proof: auto          # auto | config-hash | reload | restart
+//!   - name: cp2            # a remote host: its paths are paths on that machine
+//!     encryptionConfig: /etc/kubernetes/enc/config.yaml
+//!     ssh: {host: 10.0.0.2, port: 22, user: root, identityFile: /root/.ssh/id_ed25519,
+//!           knownHostsFile: /root/.ssh/known_hosts, kmsPlugin: /usr/local/bin/kms-plugin}
+//!     apiserver: { url: https://10.0.0.2:6443, tokenFile: /etc/rotator/token }
 //! etcd:
 //!   endpoints: [https://10.0.0.1:2379]
 //!   cacert: /etc/kubernetes/pki/etcd/ca.crt
@@ -115,6 +120,35 @@ pub struct Host {
     pub apiserver: ApiserverAccess,
     /// How to prove this apiserver runs a new config.
     pub proof: ProofMode,
+    /// Set when the host's files are on another machine, reached over SSH
+    /// ([`crate::hostfs`]); its `encryption_config` and `keyring` are paths
+    /// on that machine.
+    pub ssh: Option<SshTarget>,
+}
+
+/// The `ssh:` block of a host: how `ssh` reaches it. Only `host` is
+/// required; the rest defaults to what the operator's ssh config says.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SshTarget {
+    /// Address or name (also a `Host` alias of `~/.ssh/config`).
+    pub host: String,
+    /// Port (default: ssh's, 22).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Login user (default: ssh's).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Private key file on this machine (default: ssh's keys and agent).
+    #[serde(default)]
+    pub identity_file: Option<PathBuf>,
+    /// known_hosts file on this machine (default: ssh's). Host keys are
+    /// always checked strictly: an unknown or changed key is refused.
+    #[serde(default)]
+    pub known_hosts_file: Option<PathBuf>,
+    /// The kms-plugin binary on that host (default: `kms-plugin` from its `PATH`).
+    #[serde(default)]
+    pub kms_plugin: Option<PathBuf>,
 }
 
 /// How to reach etcd for the final audit (read-only).
@@ -249,6 +283,8 @@ struct RawHost {
     apiserver: RawApiserver,
     #[serde(default)]
     proof: ProofMode,
+    #[serde(default)]
+    ssh: Option<SshTarget>,
 }
 
 #[derive(Deserialize)]
@@ -405,12 +441,54 @@ impl Targets {
                     }
                 }
             };
+            let (encryption_config, keyring, ssh) = match h.ssh {
+                None => (abs(h.encryption_config), h.keyring.map(abs), None),
+                Some(mut s) => {
+                    // Each of these becomes one ssh argument: no option lookalikes.
+                    let bad = |t: &str| {
+                        t.is_empty()
+                            || t.starts_with('-')
+                            || t.contains(|c: char| c.is_whitespace() || c.is_control())
+                    };
+                    if bad(&s.host) {
+                        return Err(field(
+                            at("ssh.host"),
+                            "must be a host name or address (no spaces, not starting with -)",
+                        ));
+                    }
+                    if s.user.as_deref().is_some_and(|u| bad(u) || u.contains('@')) {
+                        return Err(field(
+                            at("ssh.user"),
+                            "must be a user name (no spaces or @, not starting with -)",
+                        ));
+                    }
+                    if s.port == Some(0) {
+                        return Err(field(at("ssh.port"), "must be 1-65535"));
+                    }
+                    if !h.encryption_config.is_absolute() {
+                        return Err(field(
+                            at("encryptionConfig"),
+                            "must be an absolute path on the remote host (the host has ssh:)",
+                        ));
+                    }
+                    if h.keyring.as_ref().is_some_and(|k| !k.is_absolute()) {
+                        return Err(field(
+                            at("keyring"),
+                            "must be an absolute path on the remote host (the host has ssh:)",
+                        ));
+                    }
+                    s.identity_file = s.identity_file.map(abs);
+                    s.known_hosts_file = s.known_hosts_file.map(abs);
+                    (h.encryption_config, h.keyring, Some(s))
+                }
+            };
             hosts.push(Host {
                 name: h.name,
-                encryption_config: abs(h.encryption_config),
-                keyring: h.keyring.map(abs),
+                encryption_config,
+                keyring,
                 apiserver,
                 proof: h.proof,
+                ssh,
             });
         }
         // Two hosts must not share a file, however its path is spelled
@@ -442,6 +520,24 @@ impl Targets {
         if !prefix.starts_with('/') {
             return Err(field("etcd.prefix".into(), "must start with /"));
         }
+        let kek_pkcs11 = raw.kek.and_then(|k| k.pkcs11);
+        if hosts[0].ssh.is_some()
+            && let Some(p) = &kek_pkcs11
+        {
+            // They are paths on the first host, where `keyring add` runs.
+            for (name, path) in [
+                ("module", Some(&p.module)),
+                ("pinFile", p.pin_file.as_ref()),
+            ] {
+                if path.is_some_and(|p| !p.is_absolute()) {
+                    return Err(field(
+                        format!("kek.pkcs11.{name}"),
+                        "must be an absolute path on the first host (it has ssh:)",
+                    ));
+                }
+            }
+        }
+        let first_is_local = hosts[0].ssh.is_none();
         Ok(Targets {
             hosts,
             etcd: EtcdTarget {
@@ -452,25 +548,34 @@ impl Targets {
                 prefix,
             },
             kms_plugin: raw.kms_plugin.map(abs),
-            kek_pkcs11: raw.kek.and_then(|k| k.pkcs11).map(|mut p| {
-                p.module = abs(p.module);
-                p.pin_file = p.pin_file.map(abs);
+            kek_pkcs11: kek_pkcs11.map(|mut p| {
+                if first_is_local {
+                    p.module = abs(p.module);
+                    p.pin_file = p.pin_file.map(abs);
+                }
                 p
             }),
         })
     }
 }
 
-/// The first pair of hosts (earlier, later) whose `path_of` is the same file.
+/// The first pair of hosts (earlier, later) whose `path_of` is the same
+/// file: the same local file, or the same path on the same remote machine
+/// (compared after removing `.` and `..`; a remote is not asked).
 fn shared_file(
     hosts: &[Host],
     path_of: impl Fn(&Host) -> Option<&PathBuf>,
 ) -> Option<(usize, usize)> {
-    let mut seen: BTreeMap<PathBuf, usize> = BTreeMap::new();
+    // (remote machine, path) → the first host naming it.
+    type Machine = Option<(String, Option<u16>)>;
+    let mut seen: BTreeMap<(Machine, PathBuf), usize> = BTreeMap::new();
     for (i, h) in hosts.iter().enumerate() {
-        if let Some(p) = path_of(h)
-            && let Some(first) = seen.insert(resolve(p), i)
-        {
+        let Some(p) = path_of(h) else { continue };
+        let key = match &h.ssh {
+            None => (None, resolve(p)),
+            Some(s) => (Some((s.host.clone(), s.port)), lexical(p)),
+        };
+        if let Some(first) = seen.insert(key, i) {
             return Some((first, i));
         }
     }
@@ -489,6 +594,11 @@ fn resolve(path: &Path) -> PathBuf {
     {
         return dir.join(name);
     }
+    lexical(path)
+}
+
+/// `path` without `.` and `..` components.
+fn lexical(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
@@ -655,6 +765,92 @@ etcd:
             assert!(!e.contains("sekrit"), "{e}");
             assert!(e.contains("line ") || e.contains("hosts["), "{e}");
         }
+    }
+
+    #[test]
+    fn an_ssh_block_makes_a_host_remote() {
+        let remote = GOOD.replace(
+            "encryptionConfig: enc2.yaml",
+            "encryptionConfig: /etc/kubernetes/enc/enc.yaml\n    keyring: /etc/kubernetes/kms/kr\n    ssh: {host: 10.0.0.2, port: 2222, user: root, identityFile: id, knownHostsFile: kh, kmsPlugin: /usr/local/bin/kms-plugin}",
+        );
+        let t = parse(&remote).unwrap();
+        assert_eq!(t.hosts[0].ssh, None);
+        let s = t.hosts[1].ssh.as_ref().unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.port, s.user.as_deref()),
+            ("10.0.0.2", Some(2222), Some("root"))
+        );
+        // Local files resolve against the config's folder; remote paths stay as written.
+        assert_eq!(s.identity_file.as_deref(), Some(Path::new("/base/id")));
+        assert_eq!(s.known_hosts_file.as_deref(), Some(Path::new("/base/kh")));
+        assert_eq!(
+            s.kms_plugin.as_deref(),
+            Some(Path::new("/usr/local/bin/kms-plugin"))
+        );
+        assert_eq!(
+            t.hosts[1].encryption_config,
+            Path::new("/etc/kubernetes/enc/enc.yaml")
+        );
+        // Two machines may use the same path; one machine may not use it twice.
+        let two = format!(
+            "hosts:\n{}{}etcd: {{ endpoints: [http://127.0.0.1:2379] }}\n",
+            "  - name: a\n    encryptionConfig: /etc/e.yaml\n    ssh: {host: h1}\n    apiserver: { url: 'http://127.0.0.1:1' }\n",
+            "  - name: b\n    encryptionConfig: /etc/e.yaml\n    ssh: {host: h2}\n    apiserver: { url: 'http://127.0.0.1:2' }\n",
+        );
+        assert!(parse(&two).is_ok());
+        let e = parse(&two.replace("h2", "h1")).unwrap_err();
+        assert!(e.contains("hosts[1].encryptionConfig"), "{e}");
+        for (from, to, field) in [
+            (
+                "host: 10.0.0.2",
+                "host: -oProxyCommand=x",
+                "hosts[1].ssh.host",
+            ),
+            ("user: root", "user: 'a b'", "hosts[1].ssh.user"),
+            ("port: 2222", "port: 0", "hosts[1].ssh.port"),
+            (
+                "encryptionConfig: /etc/kubernetes/enc/enc.yaml",
+                "encryptionConfig: enc.yaml",
+                "hosts[1].encryptionConfig",
+            ),
+            (
+                "keyring: /etc/kubernetes/kms/kr",
+                "keyring: kr2",
+                "hosts[1].keyring",
+            ),
+        ] {
+            let e = parse(&remote.replace(from, to)).unwrap_err();
+            assert!(e.contains(field), "{to}: {e}");
+        }
+        // A remote first host's PKCS#11 paths are paths there.
+        let first_remote = remote
+            .replace("name: cp1\n", "name: cp0\n")
+            .replace("name: cp2\n", "name: cp1\n");
+        let first_remote = {
+            // cp1 (remote) first.
+            let (head, rest) = first_remote.split_once("  - name: cp0").unwrap();
+            let (cp0, tail) = rest.split_once("  - name: cp1").unwrap();
+            let (cp1, etcd) = tail.split_once("etcd:").unwrap();
+            format!("{head}  - name: cp1{cp1}  - name: cp0{cp0}etcd:{etcd}")
+        };
+        let t = parse(&format!(
+            "{first_remote}kek:\n  pkcs11:\n    module: /usr/lib/softhsm/libsofthsm2.so\n    token: t\n"
+        ))
+        .unwrap();
+        assert!(t.first().ssh.is_some());
+        assert_eq!(
+            t.kek_pkcs11.unwrap().module,
+            Path::new("/usr/lib/softhsm/libsofthsm2.so")
+        );
+        let e = parse(&format!(
+            "{first_remote}kek:\n  pkcs11:\n    module: lib.so\n    token: t\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("kek.pkcs11.module"), "{e}");
+        let e = parse(&remote.replace("port: 2222", "password: hunter2")).unwrap_err();
+        assert!(e.contains("unknown field") && !e.contains("hunter2"), "{e}");
+        let e = parse(&remote.replace("port: 2222", "port: 99999")).unwrap_err();
+        assert!(e.contains("line "), "{e}");
     }
 
     #[test]

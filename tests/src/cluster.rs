@@ -17,6 +17,12 @@
 //! `c-I` (data `k` = [`configmap_value`]), spread over
 //! [`Options::namespaces`] namespaces ([`Cluster::namespace_of`]).
 //!
+//! A host with [`HostOptions::ssh`] is remote: its files live in its own
+//! directories, which its own real sshd ([`crate::sshd`]) shows at
+//! `/etc/kubernetes/enc` and `/etc/kubernetes/kms`; the rotator config names
+//! those paths and an `ssh:` block, while the host's stand-in and plugins read
+//! the same directories at their real paths.
+//!
 //! Helpers panic with a message naming what failed: they are test assertions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,6 +42,7 @@ use storage_encryption::EncryptionConfiguration;
 
 use crate::etcd::{EtcdServer, run_etcd_inspect};
 use crate::plugin::{Keyring, PluginOptions, PluginProcess, SocketEndpoint, bin_path};
+use crate::sshd::{REMOTE_ENC_DIR, REMOTE_KMS_DIR, SshClient, Sshd};
 use crate::standin::{StandinProcess, secret_object};
 
 /// The first key of [`aescbc_config`]: 32 bytes of 7.
@@ -77,6 +84,8 @@ pub struct HostOptions {
     pub proof: Option<String>,
     /// More stand-in flags (fault injection).
     pub extra: Vec<String>,
+    /// The rotator reaches this host's files over SSH (its own sshd).
+    pub ssh: bool,
 }
 
 impl HostOptions {
@@ -90,6 +99,7 @@ impl HostOptions {
             reload_delay: Some(delay.to_owned()),
             proof,
             extra: Vec::new(),
+            ssh: false,
         }
     }
 
@@ -175,6 +185,8 @@ pub struct Host {
     pub plugins: Vec<PluginProcess>,
     /// Its apiserver.
     pub standin: StandinProcess,
+    /// Its sshd, when the rotator reaches it over SSH.
+    pub sshd: Option<Sshd>,
 }
 
 /// Hosts over one etcd, a rotator config and a state file path.
@@ -190,6 +202,8 @@ pub struct Cluster {
     pub state: PathBuf,
     /// The stand-ins' bearer token.
     pub token: Option<String>,
+    /// The SSH client keys and known_hosts, when some host is remote.
+    pub ssh: Option<SshClient>,
     /// Secrets seeded.
     pub secrets: usize,
     /// ConfigMaps seeded.
@@ -329,17 +343,27 @@ impl Cluster {
         }
         let mut hosts = Vec::new();
         let mut yaml = String::new();
+        let ssh = opts.hosts.iter().any(|h| h.ssh).then(SshClient::new);
         for (i, h) in opts.hosts.iter().enumerate() {
             let name = format!("cp{i}");
             let host_dir = dir.path().join(&name);
             std::fs::create_dir_all(&host_dir).unwrap();
-            let config = host_dir.join("encryption-config.yaml");
+            // A remote host's files: in the folders its sshd shows at
+            // /etc/kubernetes/{enc,kms}.
+            let (enc_dir, kms_files) = if h.ssh {
+                (host_dir.join("etc-enc"), host_dir.join("etc-kms"))
+            } else {
+                (host_dir.clone(), host_dir.clone())
+            };
+            std::fs::create_dir_all(&enc_dir).unwrap();
+            std::fs::create_dir_all(&kms_files).unwrap();
+            let config = enc_dir.join("encryption-config.yaml");
             let text = opts.config.replace("{KMS_DIR}", kms_dir.to_str().unwrap());
             std::fs::write(&config, text).unwrap();
             let keyrings: Vec<PathBuf> = opts
                 .kms
                 .iter()
-                .map(|n| host_dir.join(format!("keyring-{n}.json")))
+                .map(|n| kms_files.join(format!("keyring-{n}.json")))
                 .collect();
             for (from, to) in keyrings0.iter().zip(&keyrings) {
                 std::fs::copy(from, to).unwrap();
@@ -373,10 +397,8 @@ impl Cluster {
             args.extend(h.extra.iter().cloned());
             let standin = StandinProcess::start_in(&wrapper, etcd.endpoint(), &args)
                 .unwrap_or_else(|e| panic!("stand-in {name}: {e:#}"));
-            let keyring = host_dir.join(format!(
-                "keyring-{}.json",
-                opts.kms.first().copied().unwrap_or("a")
-            ));
+            let keyring_name = format!("keyring-{}.json", opts.kms.first().copied().unwrap_or("a"));
+            let keyring = kms_files.join(&keyring_name);
             let proof = h
                 .proof
                 .as_ref()
@@ -387,18 +409,30 @@ impl Cluster {
                 .as_ref()
                 .map(|t| format!(", token: '{t}'"))
                 .unwrap_or_default();
-            yaml.push_str(&format!(
-                "  - name: {name}\n{proof}    encryptionConfig: {}\n    keyring: {}\n    apiserver: {{ url: '{}'{auth} }}\n",
-                config.display(),
-                keyring.display(),
-                standin.url()
-            ));
+            let sshd = match (&ssh, h.ssh) {
+                (Some(client), true) => Some(client.start(&name, &enc_dir, &kms_files)),
+                _ => None,
+            };
+            match &sshd {
+                None => yaml.push_str(&format!(
+                    "  - name: {name}\n{proof}    encryptionConfig: {}\n    keyring: {}\n    apiserver: {{ url: '{}'{auth} }}\n",
+                    config.display(),
+                    keyring.display(),
+                    standin.url()
+                )),
+                Some(d) => yaml.push_str(&format!(
+                    "  - name: {name}\n{proof}    encryptionConfig: {REMOTE_ENC_DIR}/encryption-config.yaml\n    keyring: {REMOTE_KMS_DIR}/{keyring_name}\n    ssh: {}\n    apiserver: {{ url: '{}'{auth} }}\n",
+                    ssh.as_ref().unwrap().yaml(d, &bin_path("kms-plugin")),
+                    standin.url()
+                )),
+            }
             hosts.push(Host {
                 name,
                 config,
                 keyring,
                 plugins,
                 standin,
+                sshd,
             });
         }
         let rotator_config = dir.path().join("rotator.yaml");
@@ -418,6 +452,7 @@ impl Cluster {
             state: dir.path().join("state.json"),
             rotator_config,
             token: opts.token,
+            ssh,
             secrets: 0,
             configmaps: 0,
             namespaces: opts.namespaces.max(1),

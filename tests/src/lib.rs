@@ -11,6 +11,7 @@
 //! | [`standin`] | the `kube-apiserver-standin` process |
 //! | [`cluster`] | the rotator's hosts over one etcd: stand-ins, plugins, rotator runs, audits |
 //! | [`softhsm`] | a SoftHSM2 token of the test's own (directory, config, PIN file), `pkcs11-tool` |
+//! | [`sshd`] | real OpenSSH sshds, each in its own mount namespace: "hosts" reached over SSH |
 //! | [`inspect`] | etcd-inspect test data: keys, values written as kube-apiserver writes them |
 
 pub mod cluster;
@@ -18,4 +19,5 @@ pub mod etcd;
 pub mod inspect;
 pub mod plugin;
 pub mod softhsm;
+pub mod sshd;
 pub mod standin;
