@@ -311,6 +311,21 @@ impl KeyringFile {
             .max_by_key(|k| k.last_promotion())
     }
 
+    /// The key_id `kek` would get if it were promoted next in this file
+    /// (the next epoch), or `None` for the primary (promoting it changes
+    /// nothing) and when the epochs are exhausted. Every copy of the same
+    /// file computes the same answer, so a plugin still serving the copy from
+    /// before a `promote` can already decrypt what a plugin serving the
+    /// promoted copy encrypts: the window while the rotator copies the
+    /// promoted file from host to host is safe.
+    pub fn next_promotion_key_id(&self, kek: &Kek) -> Option<String> {
+        if self.primary().map(|p| p.number) == Some(kek.number) {
+            return None;
+        }
+        let epoch = self.next_epoch().ok()?;
+        Some(crate::derive::key_id(&kek.material, kek.number, epoch))
+    }
+
     fn next_epoch(&self) -> Result<u32, EditError> {
         self.keks
             .iter()

@@ -140,6 +140,12 @@ impl Keyring {
             for id in &info.key_ids {
                 by_key_id.insert(id.clone(), served.clone());
             }
+            // A decrypt-only KEK also answers to the key_id its next
+            // promotion will have: another host may already serve the
+            // promoted copy of this file while ours is still on its way.
+            if let Some(id) = file.next_promotion_key_id(kek) {
+                by_key_id.insert(id, served.clone());
+            }
             if kek.number == listing.primary {
                 primary = Some(served);
             }
@@ -344,6 +350,33 @@ mod tests {
         );
         assert!(k3.decrypt(k1.key_id(), &ct).is_ok());
         assert_eq!(k3.decrypt("nope", &ct), Err(DecryptError::UnknownKeyId));
+    }
+
+    #[test]
+    fn a_decrypt_only_kek_already_decrypts_under_its_next_promotion() {
+        let mut f = new_file();
+        let added = f.add(false).unwrap();
+        let before = keyring(&f);
+        let mut promoted = KeyringFile::parse(Path::new("p"), &f.to_bytes()).unwrap();
+        promoted.promote(added).unwrap();
+        let after = keyring(&promoted);
+        let ct = after.encrypt(b"written by a host that promoted").unwrap();
+        assert_eq!(
+            &*before.decrypt(after.key_id(), &ct).unwrap(),
+            b"written by a host that promoted",
+            "the copy from before the promote must read the promoted copy's writes"
+        );
+        // Only the next epoch: one further promotion is not accepted early.
+        promoted.promote(1).unwrap();
+        promoted.promote(added).unwrap();
+        let later = keyring(&promoted);
+        let ct = later.encrypt(b"x").unwrap();
+        assert_eq!(
+            before.decrypt(later.key_id(), &ct),
+            Err(DecryptError::UnknownKeyId)
+        );
+        // The primary answers to its own key_ids only.
+        assert_eq!(f.next_promotion_key_id(f.primary().unwrap()), None);
     }
 
     #[test]
