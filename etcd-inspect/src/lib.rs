@@ -22,6 +22,7 @@ pub mod cli;
 pub mod decrypt;
 pub mod etcd;
 pub mod free_pages;
+pub mod history;
 pub mod kms;
 pub mod progress;
 pub mod record;

@@ -10,6 +10,7 @@ use cli_kit::escape::escape_control;
 use crate::audit::{Auditor, AuditorError};
 use crate::cli::{Exit, OutputFormat, Settings, Source};
 use crate::etcd::EtcdError;
+use crate::history::HistoryScan;
 use crate::progress::Progress;
 use crate::report::{
     JsonReporter, JunitReporter, NeedsReporter, Reporter, ScanMeta, TableReporter,
@@ -127,6 +128,8 @@ impl Outcome {
 /// same pages (key order, one revision), judged by the same code.
 enum Pages {
     Live(Scan),
+    /// `--history`: every stored revision of a live etcd.
+    History(HistoryScan),
     File(SnapshotScan),
 }
 
@@ -147,6 +150,7 @@ impl Pages {
                         .collect(),
                 })
             }),
+            Pages::History(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
             Pages::File(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
         }
     }
@@ -155,7 +159,7 @@ impl Pages {
     fn stats(&self) -> ScanStats {
         match self {
             Pages::Live(s) => s.stats(),
-            Pages::File(_) => ScanStats::default(),
+            Pages::History(_) | Pages::File(_) => ScanStats::default(),
         }
     }
 }
@@ -194,6 +198,16 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     let mut auditor = Auditor::prepare(config, settings).await?;
 
     let mut pages = match &settings.source {
+        Source::Live if settings.all_revisions => {
+            let (kv, watch) = settings.etcd.kv_and_watch_clients().await?;
+            Pages::History(HistoryScan::start(
+                kv,
+                watch,
+                settings.etcd.endpoints_display(),
+                settings.prefix.as_bytes().to_vec(),
+                settings.scan,
+            ))
+        }
         Source::Live => {
             let kv = settings.etcd.kv_client().await?;
             Pages::Live(Scan::start(
