@@ -193,8 +193,8 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     }
     // Everything that can be checked offline is checked before etcd is contacted.
     let config = settings.config.as_ref().map(load_config).transpose()?;
-    // --needs fingerprints the config's keys; the auditor takes the config.
-    let needs_config = if settings.needs { config.clone() } else { None };
+    // Every report's needs list names the config's keys by fingerprint.
+    let fingerprints = crate::report::needs::config_fingerprints(config.as_ref());
     let mut auditor = Auditor::prepare(config, settings).await?;
 
     let mut pages = match &settings.source {
@@ -231,11 +231,7 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
 
     let out = BufWriter::with_capacity(64 * 1024, out);
     let mut reporter: Box<dyn Reporter> = match settings.output {
-        _ if settings.needs => Box::new(NeedsReporter::new(
-            out,
-            settings.output,
-            needs_config.as_ref(),
-        )),
+        _ if settings.needs => Box::new(NeedsReporter::new(out, settings.output)),
         OutputFormat::Table => Box::new(TableReporter::new(out)),
         OutputFormat::Json => Box::new(JsonReporter::new(out)),
         OutputFormat::Junit => Box::new(JunitReporter::new(out)),
@@ -266,6 +262,7 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
                 fail_on: settings.fail_on.clone(),
                 decrypt_check: settings.decrypt_check,
                 all_revisions: settings.all_revisions,
+                fingerprints: fingerprints.clone(),
             };
             reporter.begin(&m)?;
             meta = Some(m);
@@ -352,6 +349,7 @@ async fn free_pages_run(
             fail_on: settings.fail_on.clone(),
             decrypt_check: false,
             all_revisions: false,
+            fingerprints: Default::default(),
         },
         summary: Summary::default(),
         scan: ScanStats::default(),
