@@ -49,7 +49,8 @@ Findings (with --config):
 
 --output json writes one JSON document, streamed while scanning:
   {\"prefix\":..,\"revision\":..,\"records\":[{\"key\":..,\"resource\":..,\"namespace\":..,\"name\":..,
-   \"provider\":..,\"provider_name\":..,\"key_name\":..,\"key_id\":..,\"finding\":..},..],\"summary\":{..}}
+   \"provider\":..,\"provider_name\":..,\"key_name\":..,\"key_id\":..,\"finding\":..},..],
+   \"needs\":[{\"provider\":..,\"key_name\":..,\"key_id\":..,\"fingerprints\":[..],\"values\":..},..],\"summary\":{..}}
 Plaintext and keys are never printed.";
 
 /// Output formats.
