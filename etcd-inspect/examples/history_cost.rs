@@ -7,8 +7,9 @@
 //!   with `Range key @ mod_revision - 1` until its first version.
 //!
 //! Usage: `cargo run -p etcd-inspect --example history_cost --
-//! http://127.0.0.1:2379 [KEYS] [REVISIONS]` against an empty, disposable
-//! etcd (it writes KEYS × REVISIONS values of 1 KiB under /registry/).
+//! http://127.0.0.1:2379 [KEYS] [REVISIONS] [load]` against an empty,
+//! disposable etcd (it writes KEYS × REVISIONS values of 1 KiB under
+//! /registry/; with `load` it stops there).
 //! Prints a table; asserts nothing about time.
 
 use std::time::Instant;
@@ -29,6 +30,8 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(20_000);
     let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
+    // `load`: only write the data (for a memory run of `etcd-inspect --history`).
+    let load_only = args.next().as_deref() == Some("load");
     let client = Client::connect([endpoint.clone()], None).await?;
 
     let t = Instant::now();
@@ -49,6 +52,9 @@ async fn main() -> anyhow::Result<()> {
         "loaded {keys} keys x {rounds} revisions in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    if load_only {
+        return Ok(());
+    }
 
     // The watch.
     let t = Instant::now();

@@ -297,6 +297,15 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     // The scan always yields at least one page (possibly empty) unless it failed.
     let meta = meta.ok_or(RunError::Etcd(EtcdError::NoHeader))?;
     reporter.finish(&meta, &summary)?;
+    if let Pages::History(h) = &pages {
+        let h = h.stats();
+        tracing::info!(
+            compact_revision = h.compact_revision,
+            kept_at_compaction = h.kept_at_compaction,
+            watch_events = h.events,
+            "etcd history read"
+        );
+    }
     let stats = pages.stats();
     tracing::info!(
         requests = stats.requests,

@@ -387,3 +387,63 @@ pub async fn kek_retire(
     };
     etcd_and_backups(etcd, backups, judge, &Fingerprints::new()).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_directories_expand_to_their_files_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("snaps");
+        std::fs::create_dir_all(d.join("nested")).unwrap();
+        for name in ["b.db", "a.db"] {
+            std::fs::write(d.join(name), b"x").unwrap();
+        }
+        std::fs::write(d.join("nested/c.db"), b"x").unwrap();
+        let single = dir.path().join("one.db");
+        let missing = dir.path().join("gone.db");
+        let (files, broken) = backup_files(&[d.clone(), single.clone(), missing.clone()]);
+        // Not recursive; a missing file is kept, to be refused by name when read.
+        assert_eq!(files, [d.join("a.db"), d.join("b.db"), single, missing]);
+        assert!(broken.is_empty());
+    }
+
+    #[test]
+    fn a_report_names_each_backup_and_what_it_needs() {
+        let report = GateReport {
+            scanned: 3,
+            revision: 9,
+            backups_read: 2,
+            backups: vec![BackupNeed {
+                path: "/b/old.db".into(),
+                revision: 7,
+                needs: vec![Need {
+                    provider: etcd_inspect::ProviderKind::AesCbc,
+                    provider_name: None,
+                    key_name: Some("key1".into()),
+                    key_id: None,
+                    fingerprints: vec!["sha256:00".into()],
+                    values: 4,
+                }],
+            }],
+            broken_backups: vec![("/b/torn.db".into(), "truncated".into())],
+            ..GateReport::default()
+        };
+        assert!(!report.passed() && !report.passed_allowing_backups());
+        let text = report.to_string();
+        assert!(
+            text.contains("backup /b/old.db (revision 7) needs aescbc key1 sha256:00 (4 values)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/b/torn.db cannot be read (truncated)"),
+            "{text}"
+        );
+        let allowed = GateReport {
+            broken_backups: Vec::new(),
+            ..report
+        };
+        assert!(!allowed.passed() && allowed.passed_allowing_backups());
+    }
+}
