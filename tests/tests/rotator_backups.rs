@@ -115,3 +115,48 @@ fn base64_key1() -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(atrest_tests::cluster::KEY1)
 }
+
+/// `rotate-kek`: a snapshot whose Secrets carry the old KEK's key_id blocks
+/// retiring that KEK (exit 3, file and key_id named) until accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_retirement_waits_for_a_backup_under_the_old_key_id() {
+    let backups = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(1);
+    opts.kms = vec!["a"];
+    opts.config = "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: [secrets]\n    providers:\n      - kms:\n          apiVersion: v2\n          name: atrest\n          endpoint: unix://{KMS_DIR}/a.sock\n          timeout: 3s\n      - identity: {}\n".to_owned();
+    opts.run_flags
+        .extend(["--plugin-settle".to_owned(), "1s".to_owned()]);
+    opts.rotator_config_extra = format!("backups: [{}]\n", backups.path().display());
+    let mut c = Cluster::start(opts).await;
+    let keyring = atrest_tests::plugin::Keyring::at(&c.hosts[0].keyring);
+    let old_key_id = keyring
+        .list()
+        .await
+        .unwrap()
+        .primary_kek()
+        .unwrap()
+        .key_id
+        .clone()
+        .unwrap();
+    c.seed(10, 0).await;
+    let snap = backups.path().join("nightly.db");
+    snapshot_kit::snapshot_save(&c.etcd.etcdctl_args(), &snap);
+
+    let out = c.apply(&[], &["rotate-kek"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let err = text(&out);
+    assert!(
+        err.contains(&snap.display().to_string())
+            && err.contains(&format!("kms-v2 atrest key_id {old_key_id}")),
+        "{err}"
+    );
+    let out = c.resume(&["--allow-unrestorable-backups"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let state = c.state_json().unwrap();
+    let recorded = state["unrestorable_backups"].as_array().unwrap();
+    assert_eq!(recorded.len(), 1, "{state}");
+    assert!(
+        recorded[0].as_str().unwrap().contains(&old_key_id),
+        "{state}"
+    );
+}
