@@ -49,7 +49,8 @@ Findings (with --config):
 
 --output json writes one JSON document, streamed while scanning:
   {\"prefix\":..,\"revision\":..,\"records\":[{\"key\":..,\"resource\":..,\"namespace\":..,\"name\":..,
-   \"provider\":..,\"provider_name\":..,\"key_name\":..,\"key_id\":..,\"finding\":..},..],\"summary\":{..}}
+   \"provider\":..,\"provider_name\":..,\"key_name\":..,\"key_id\":..,\"finding\":..},..],
+   \"needs\":[{\"provider\":..,\"key_name\":..,\"key_id\":..,\"fingerprints\":[..],\"values\":..},..],\"summary\":{..}}
 Plaintext and keys are never printed.";
 
 /// Output formats.
@@ -147,9 +148,11 @@ pub struct Args {
     #[arg(long, global = true)]
     pub needs: bool,
 
-    /// With `snapshot FILE`: judge every revision still in the file (history
-    /// since the last compaction, tombstones listed), not only the latest.
-    #[arg(long, global = true)]
+    /// Judge every revision still stored (history since the last
+    /// compaction, tombstones listed), not only the latest: in a snapshot
+    /// file, or live (`--history`, read with a watch of the whole key space
+    /// from the compaction revision). Old plaintext revisions are findings.
+    #[arg(long, visible_alias = "history", global = true)]
     pub all_revisions: bool,
 
     /// With `snapshot FILE`: look for unencrypted Kubernetes objects in the
@@ -221,7 +224,7 @@ pub struct Settings {
     pub output: OutputFormat,
     /// `--needs`: print what the values need instead of the audit.
     pub needs: bool,
-    /// `--all-revisions` (snapshot only): every stored revision.
+    /// `--all-revisions` / `--history`: every stored revision.
     pub all_revisions: bool,
     /// `--free-pages` (snapshot only): scan free pages instead of auditing.
     pub free_pages: bool,
@@ -294,13 +297,6 @@ impl TryFrom<Args> for Settings {
                 .map_err(|e| usage("--kms-endpoint", format!("{name}: {e}")))?;
         }
         let kms_key_ids = parse_pairs(&a.kms_key_id).map_err(|m| usage("--kms-key-id", m))?;
-        if a.all_revisions && a.command.is_none() {
-            return Err(usage(
-                "--all-revisions",
-                "reads a snapshot file: etcd-inspect snapshot FILE --all-revisions \
-                 (history of a live etcd is not supported yet)",
-            ));
-        }
         if a.free_pages && a.command.is_none() {
             return Err(usage(
                 "--free-pages",

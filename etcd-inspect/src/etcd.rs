@@ -1,11 +1,14 @@
 //! Reaching etcd the way `etcdctl` connects: endpoints, optional mutual TLS.
-//! The range scan over these connections is in [`crate::scan`]; it is the
-//! only etcd call this tool makes (it never writes).
+//! The range scan over these connections is in [`crate::scan`], the watch
+//! that reads history (`--history`) in [`crate::history`]; the tool never
+//! writes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, KvClient, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, Identity, KvClient, TlsOptions, WatchClient,
+};
 
 /// How to reach etcd; mirrors etcdctl's flags.
 #[derive(Debug, Clone)]
@@ -78,6 +81,16 @@ pub enum EtcdError {
     /// etcd answered without a header (never seen from a real server).
     #[error("etcd response without a header")]
     NoHeader,
+    /// The history watch failed or was cancelled (`--history`).
+    #[error("etcd at {endpoints}: history watch from revision {from} failed: {reason}")]
+    Watch {
+        /// Endpoints, comma-separated.
+        endpoints: String,
+        /// The revision the watch started at.
+        from: i64,
+        /// What etcd or the client said.
+        reason: String,
+    },
 }
 
 /// Largest gRPC response accepted. A Kubernetes object is at most ~1.5 MiB
@@ -136,16 +149,34 @@ impl EtcdConnection {
 
     /// Builds a KV client (no request is sent yet).
     pub async fn kv_client(&self) -> Result<KvClient, EtcdError> {
+        Ok(self
+            .client()
+            .await?
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES))
+    }
+
+    /// Builds a KV and a watch client on one connection (`--history`).
+    pub async fn kv_and_watch_clients(&self) -> Result<(KvClient, WatchClient), EtcdError> {
+        let client = self.client().await?;
+        Ok((
+            client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            client
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+        ))
+    }
+
+    async fn client(&self) -> Result<Client, EtcdError> {
         let urls = self.endpoint_urls();
-        let client = Client::connect(&urls, Some(self.options()?))
+        Client::connect(&urls, Some(self.options()?))
             .await
             .map_err(|source| EtcdError::Connect {
                 endpoints: urls.join(","),
                 source,
-            })?;
-        Ok(client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES))
+            })
     }
 
     /// Endpoints as given, for messages.

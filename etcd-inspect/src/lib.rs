@@ -10,6 +10,8 @@
 //!
 //! `etcd-inspect snapshot FILE` reads a snapshot file instead
 //! ([`snapshot`], with the `etcd-snapshot` bolt reader) into the same pipeline.
+//! `--history` (`--all-revisions` on a live etcd) feeds every revision still
+//! stored since the last compaction the same way ([`history`], a watch).
 //!
 //! Start reading at [`run::run`]. The binary's flags are in [`cli`].
 //! Plaintext and key material never reach a report, a log or an error.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod decrypt;
 pub mod etcd;
 pub mod free_pages;
+pub mod history;
 pub mod kms;
 pub mod progress;
 pub mod record;

@@ -10,6 +10,7 @@ use cli_kit::escape::escape_control;
 use crate::audit::{Auditor, AuditorError};
 use crate::cli::{Exit, OutputFormat, Settings, Source};
 use crate::etcd::EtcdError;
+use crate::history::HistoryScan;
 use crate::progress::Progress;
 use crate::report::{
     JsonReporter, JunitReporter, NeedsReporter, Reporter, ScanMeta, TableReporter,
@@ -127,6 +128,8 @@ impl Outcome {
 /// same pages (key order, one revision), judged by the same code.
 enum Pages {
     Live(Scan),
+    /// `--history`: every stored revision of a live etcd.
+    History(HistoryScan),
     File(SnapshotScan),
 }
 
@@ -147,6 +150,7 @@ impl Pages {
                         .collect(),
                 })
             }),
+            Pages::History(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
             Pages::File(s) => s.next_page().await.map(|p| p.map_err(RunError::from)),
         }
     }
@@ -155,7 +159,7 @@ impl Pages {
     fn stats(&self) -> ScanStats {
         match self {
             Pages::Live(s) => s.stats(),
-            Pages::File(_) => ScanStats::default(),
+            Pages::History(_) | Pages::File(_) => ScanStats::default(),
         }
     }
 }
@@ -189,11 +193,21 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     }
     // Everything that can be checked offline is checked before etcd is contacted.
     let config = settings.config.as_ref().map(load_config).transpose()?;
-    // --needs fingerprints the config's keys; the auditor takes the config.
-    let needs_config = if settings.needs { config.clone() } else { None };
+    // Every report's needs list names the config's keys by fingerprint.
+    let fingerprints = crate::report::needs::config_fingerprints(config.as_ref());
     let mut auditor = Auditor::prepare(config, settings).await?;
 
     let mut pages = match &settings.source {
+        Source::Live if settings.all_revisions => {
+            let (kv, watch) = settings.etcd.kv_and_watch_clients().await?;
+            Pages::History(HistoryScan::start(
+                kv,
+                watch,
+                settings.etcd.endpoints_display(),
+                settings.prefix.as_bytes().to_vec(),
+                settings.scan,
+            ))
+        }
         Source::Live => {
             let kv = settings.etcd.kv_client().await?;
             Pages::Live(Scan::start(
@@ -217,11 +231,7 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
 
     let out = BufWriter::with_capacity(64 * 1024, out);
     let mut reporter: Box<dyn Reporter> = match settings.output {
-        _ if settings.needs => Box::new(NeedsReporter::new(
-            out,
-            settings.output,
-            needs_config.as_ref(),
-        )),
+        _ if settings.needs => Box::new(NeedsReporter::new(out, settings.output)),
         OutputFormat::Table => Box::new(TableReporter::new(out)),
         OutputFormat::Json => Box::new(JsonReporter::new(out)),
         OutputFormat::Junit => Box::new(JunitReporter::new(out)),
@@ -252,6 +262,7 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
                 fail_on: settings.fail_on.clone(),
                 decrypt_check: settings.decrypt_check,
                 all_revisions: settings.all_revisions,
+                fingerprints: fingerprints.clone(),
             };
             reporter.begin(&m)?;
             meta = Some(m);
@@ -286,6 +297,15 @@ pub async fn run(settings: &Settings, out: impl Write) -> Result<Outcome, RunErr
     // The scan always yields at least one page (possibly empty) unless it failed.
     let meta = meta.ok_or(RunError::Etcd(EtcdError::NoHeader))?;
     reporter.finish(&meta, &summary)?;
+    if let Pages::History(h) = &pages {
+        let h = h.stats();
+        tracing::info!(
+            compact_revision = h.compact_revision,
+            kept_at_compaction = h.kept_at_compaction,
+            watch_events = h.events,
+            "etcd history read"
+        );
+    }
     let stats = pages.stats();
     tracing::info!(
         requests = stats.requests,
@@ -338,6 +358,7 @@ async fn free_pages_run(
             fail_on: settings.fail_on.clone(),
             decrypt_check: false,
             all_revisions: false,
+            fingerprints: Default::default(),
         },
         summary: Summary::default(),
         scan: ScanStats::default(),

@@ -165,6 +165,12 @@ pub struct KeyValue {
     pub key: Vec<u8>,
     /// The stored bytes (possibly plaintext: never logged).
     pub value: Vec<u8>,
+    /// The revision that wrote this value (`--history` records it).
+    pub mod_revision: i64,
+    /// The key's creation revision.
+    pub create_revision: i64,
+    /// Modifications since creation.
+    pub version: i64,
 }
 
 impl std::fmt::Debug for KeyValue {
@@ -172,6 +178,7 @@ impl std::fmt::Debug for KeyValue {
         f.debug_struct("KeyValue")
             .field("key", &String::from_utf8_lossy(&self.key))
             .field("value", &format_args!("<{} bytes>", self.value.len()))
+            .field("mod_revision", &self.mod_revision)
             .finish()
     }
 }
@@ -198,6 +205,18 @@ impl Scan {
     /// ones while the caller works on the current page.
     /// `endpoints` is only used in error messages.
     pub fn start(kv: KvClient, endpoints: String, prefix: Vec<u8>, options: ScanOptions) -> Self {
+        Self::start_at(kv, endpoints, prefix, options, 0)
+    }
+
+    /// Like [`start`](Self::start), read at `revision` (0: the current one).
+    /// `--history` reads the values kept at the last compaction this way.
+    pub fn start_at(
+        kv: KvClient,
+        endpoints: String,
+        prefix: Vec<u8>,
+        options: ScanOptions,
+        revision: i64,
+    ) -> Self {
         // Capacity 1: one page waiting while the consumer holds another.
         let (tx, rx) = mpsc::channel(1);
         let counters = Arc::new(Counters::default());
@@ -208,7 +227,7 @@ impl Scan {
             counters: counters.clone(),
             tx,
         };
-        let task = tokio::spawn(fetcher.run(prefix));
+        let task = tokio::spawn(fetcher.run(prefix, revision));
         Scan { rx, task, counters }
     }
 
@@ -333,8 +352,8 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    async fn run(mut self, prefix: Vec<u8>) {
-        if let Err(e) = self.scan(prefix).await {
+    async fn run(mut self, prefix: Vec<u8>, revision: i64) {
+        if let Err(e) = self.scan(prefix, revision).await {
             let _ = self.tx.send(Err(e)).await;
         }
     }
@@ -350,13 +369,12 @@ impl Fetcher {
         }
     }
 
-    async fn scan(&mut self, prefix: Vec<u8>) -> Result<(), EtcdError> {
+    async fn scan(&mut self, prefix: Vec<u8>, mut revision: i64) -> Result<(), EtcdError> {
         let end: End = {
             let e = prefix_end(&prefix);
             if e == [0] { None } else { Some(e) }
         };
         let mut from = prefix;
-        let mut revision = 0i64;
         let mut span: Option<Span> = None;
         let mut mean_kv_bytes = INITIAL_KV_BYTES as f64;
         // Lowered after a response too large to decode; grows back.
@@ -408,8 +426,16 @@ impl Fetcher {
                 .take_kvs()
                 .into_iter()
                 .map(|kv| {
+                    let (mod_revision, create_revision, version) =
+                        (kv.mod_revision(), kv.create_revision(), kv.version());
                     let (key, value) = kv.into_key_value();
-                    KeyValue { key, value }
+                    KeyValue {
+                        key,
+                        value,
+                        mod_revision,
+                        create_revision,
+                        version,
+                    }
                 })
                 .collect();
             let n = kvs.len();
@@ -512,6 +538,9 @@ mod tests {
         let kv = KeyValue {
             key: b"/registry/secrets/a/b".to_vec(),
             value: b"CANARY".to_vec(),
+            mod_revision: 2,
+            create_revision: 2,
+            version: 1,
         };
         let s = format!("{kv:?}");
         assert!(!s.contains("CANARY"));

@@ -47,6 +47,9 @@ pub struct ApplySettings {
     pub hosts: Arc<HostFs>,
     /// Stop after this many stages (for operators who go one stage at a time).
     pub max_stages: Option<usize>,
+    /// `--allow-unrestorable-backups`: a kept backup that still needs what a
+    /// stage removes does not stop the run (recorded in the state file).
+    pub allow_unrestorable_backups: bool,
 }
 
 /// Why a run stopped.
@@ -475,7 +478,12 @@ async fn run(
                 if let Some(g) = &stage.gate {
                     // Re-run on every resume: a gate is never skipped.
                     let report = run_gate(targets, state, index, g).await?;
-                    if !report.passed() {
+                    if !report.passed()
+                        && settings.allow_unrestorable_backups
+                        && report.passed_allowing_backups()
+                    {
+                        allow_unrestorable_backups(state, &report);
+                    } else if !report.passed() {
                         state.event(format!(
                             "gate refused: {} values still need it",
                             report.blocking_count()
@@ -520,7 +528,35 @@ async fn run(
     state.event("run finished");
     state.save(&settings.state_path)?;
     say("done: every stage is applied and proven");
+    if !state.unrestorable_backups.is_empty() {
+        say(&format!(
+            "{} kept backups can no longer be restored (--allow-unrestorable-backups):",
+            state.unrestorable_backups.len()
+        ));
+        for b in &state.unrestorable_backups {
+            say(&format!("  {b}"));
+        }
+    }
     Ok(())
+}
+
+/// `--allow-unrestorable-backups` let a gate pass that only backups
+/// blocked: each such backup is recorded in the state file (events and
+/// [`State::unrestorable_backups`]) and said.
+fn allow_unrestorable_backups(state: &mut State, report: &GateReport) {
+    for b in &report.backups {
+        let what = b.describe();
+        say(&format!(
+            "--allow-unrestorable-backups: {what}; it will not restore after this stage"
+        ));
+        state.event(format!("allowed unrestorable {what}"));
+        if !state.unrestorable_backups.contains(&what) {
+            state.unrestorable_backups.push(what);
+        }
+    }
+    state.event(format!(
+        "gate passed with --allow-unrestorable-backups: {report}"
+    ));
 }
 
 async fn run_gate(
@@ -542,7 +578,7 @@ async fn run_gate(
             };
             let before = parse_config(before, "config before the removal")?;
             let after = parse_config(content, "config of the removal stage")?;
-            Ok(gate::config_removal(&targets.etcd, &before, &after).await?)
+            Ok(gate::config_removal(&targets.etcd, &targets.backups, &before, &after).await?)
         }
         Gate::KekRetire => {
             if state.kek.old_key_ids.is_empty() {
@@ -550,7 +586,7 @@ async fn run_gate(
                     "the old KEK's key_ids were never recorded".into(),
                 ));
             }
-            Ok(gate::kek_retire(&targets.etcd, &state.kek.old_key_ids).await?)
+            Ok(gate::kek_retire(&targets.etcd, &targets.backups, &state.kek.old_key_ids).await?)
         }
     }
 }

@@ -29,7 +29,7 @@ cli_kit::exit_codes! {
         /// Usage or config error.
         Usage = 2 => "usage or config error: flags, rotator config, EncryptionConfiguration, no possible plan",
         /// The gate refused a removal.
-        GateRefused = 3 => "the etcd audit gate refused a removal: values still need the old key (listed)",
+        GateRefused = 3 => "the etcd audit gate refused a removal: values (in etcd or a kept backup) still need the old key (listed)",
         /// A stage was not proven in time.
         ProofTimeout = 4 => "an apiserver did not prove the stage in time (named, with what it shows)",
         /// State conflict.
@@ -227,6 +227,11 @@ pub struct RunArgs {
     /// Stop after this many stages (resume continues).
     #[arg(long, value_name = "N", global = true)]
     pub stages: Option<usize>,
+    /// Let a removal pass although a kept backup (config `backups:`) still
+    /// needs what it removes: that backup will not restore. Each one is
+    /// recorded in the state file and the run's summary.
+    #[arg(long, global = true)]
+    pub allow_unrestorable_backups: bool,
 }
 
 /// A flag that does not fit.
@@ -380,6 +385,7 @@ fn settings(cli: &Cli, run: &RunArgs, targets: &Targets) -> Result<ApplySettings
         keyring_cli,
         hosts,
         max_stages: run.stages,
+        allow_unrestorable_backups: run.allow_unrestorable_backups,
     })
 }
 

@@ -113,6 +113,11 @@ pub struct State {
     /// History.
     #[serde(default)]
     pub events: Vec<Event>,
+    /// Kept backups a removal gate let through because the run was given
+    /// `--allow-unrestorable-backups`: each names the file and the keys it
+    /// needs, which are now gone (it cannot be restored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unrestorable_backups: Vec<String>,
 }
 
 /// The state file could not be used.
@@ -190,6 +195,7 @@ impl State {
             kek: KekProgress::default(),
             rewrite: Checkpoint::default(),
             events: Vec::new(),
+            unrestorable_backups: Vec::new(),
         }
     }
 

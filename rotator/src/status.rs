@@ -32,6 +32,8 @@ pub struct StatusView<'a> {
     pub new_kek: Option<u32>,
     /// New key_id.
     pub new_key_id: Option<&'a str>,
+    /// Kept backups let through by `--allow-unrestorable-backups`.
+    pub unrestorable_backups: &'a [String],
 }
 
 fn step_name(state: &State) -> &'static str {
@@ -64,6 +66,7 @@ pub fn view(state: &State) -> StatusView<'_> {
         old_kek: state.kek.old_kek,
         new_kek: state.kek.new_kek,
         new_key_id: state.kek.new_key_id.as_deref(),
+        unrestorable_backups: &state.unrestorable_backups,
     }
 }
 
@@ -116,6 +119,15 @@ pub fn render(state: &State) -> String {
                 .as_deref()
                 .unwrap_or("not promoted yet")
         );
+    }
+    if !state.unrestorable_backups.is_empty() {
+        let _ = writeln!(
+            s,
+            "allowed to become unrestorable (--allow-unrestorable-backups):"
+        );
+        for b in &state.unrestorable_backups {
+            let _ = writeln!(s, "  {b}");
+        }
     }
     if !state.rewrite.resources.is_empty() {
         let _ = writeln!(s, "rewrite checkpoint:");

@@ -179,6 +179,10 @@ pub struct Targets {
     /// Where `rotate-kek` puts the new KEK: `None` in the keyring file, or
     /// in a PKCS#11 token (the `kek.pkcs11` block).
     pub kek_pkcs11: Option<KekPkcs11>,
+    /// `backups:` kept etcd snapshot files, or directories of them (local
+    /// paths): the removal gate refuses while one still needs what a stage
+    /// removes ([`crate::gate`]).
+    pub backups: Vec<PathBuf>,
 }
 
 /// The `kek: {pkcs11: …}` block: the new KEK of `rotate-kek` is generated in
@@ -272,6 +276,9 @@ struct RawTargets {
     kms_plugin: Option<PathBuf>,
     #[serde(default)]
     kek: Option<RawKek>,
+    /// Kept etcd backups the removal gate also reads.
+    #[serde(default)]
+    backups: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -548,6 +555,7 @@ impl Targets {
                 prefix,
             },
             kms_plugin: raw.kms_plugin.map(abs),
+            backups: raw.backups.into_iter().map(abs).collect(),
             kek_pkcs11: kek_pkcs11.map(|mut p| {
                 if first_is_local {
                     p.module = abs(p.module);
@@ -652,6 +660,22 @@ etcd:
         }
         // The token never shows in Debug output.
         assert!(!format!("{t:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn backups_are_optional_and_resolved_against_the_config_dir() {
+        assert!(parse(GOOD).unwrap().backups.is_empty());
+        let t = parse(&format!(
+            "{GOOD}\nbackups: [snaps/a.db, /var/backups/etcd]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            t.backups,
+            [
+                Path::new("/base/snaps/a.db"),
+                Path::new("/var/backups/etcd")
+            ]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! {"key":"/registry/secrets/ns/a",...},
 //! ...
 //! ],
+//! "needs":[{"provider":"aesgcm","key_name":"k1","fingerprints":["sha256:..."],...}],
 //! "summary":{...}}
 //! ```
 //!
@@ -95,7 +96,10 @@ impl<W: Write> Reporter for JsonReporter<W> {
             "error": super::nothing_judged(meta, summary),
             "rows": rows,
         });
-        write!(self.out, "\n],\n\"summary\":")?;
+        let needs = super::needs::needs(summary, &meta.fingerprints);
+        write!(self.out, "\n],\n\"needs\":")?;
+        serde_json::to_writer(&mut self.out, &needs)?;
+        write!(self.out, ",\n\"summary\":")?;
         serde_json::to_writer(&mut self.out, &s)?;
         self.out.write_all(b"}\n")?;
         self.out.flush()

@@ -89,6 +89,15 @@ impl<W: Write> Reporter for JunitReporter<W> {
             r#"      <property name="fail-on" value="{}"/>"#,
             fail_on.join(",")
         )?;
+        // What the values need to be read back (as `--needs`), one property each.
+        for need in super::needs::needs(summary, &meta.fingerprints) {
+            writeln!(
+                out,
+                r#"      <property name="need" value="{} ({} values)"/>"#,
+                xml(&need.label()),
+                need.values
+            )?;
+        }
         writeln!(out, "    </properties>")?;
         for (k, s) in rows {
             let resource = k.resource.as_deref().unwrap_or("(no resource)");

@@ -4,7 +4,8 @@
 //! revision is known, [`Reporter::record`] for each key as it is scanned,
 //! and [`Reporter::finish`] with the summary. Only JSON writes per record;
 //! the table and JUnit are built from the summary, so no writer keeps
-//! records in memory.
+//! records in memory. Every report ends with what its values need to be
+//! read back ([`needs`]): the same list `--needs` prints alone.
 
 mod json;
 mod junit;
@@ -41,6 +42,9 @@ pub struct ScanMeta {
     pub decrypt_check: bool,
     /// `--all-revisions`: records are revisions (history), not keys.
     pub all_revisions: bool,
+    /// Fingerprints of the config's keys, naming them in the needs list of
+    /// every report ([`needs::needs`]); empty without `--config`.
+    pub fingerprints: needs::Fingerprints,
 }
 
 impl ScanMeta {

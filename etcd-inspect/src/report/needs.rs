@@ -3,6 +3,10 @@
 //! One line per provider and key (KMS v2: provider name and key_id; KMS v1:
 //! provider name; aescbc/aesgcm/secretbox: key name and a fingerprint of the
 //! key from `--config`, never the key itself), with a value count.
+//!
+//! The list is derived from the [`Summary`] (its rows already count values
+//! by stored provider, key and key_id), so every report — table, JSON,
+//! JUnit, live or snapshot — carries the same list as `--needs`.
 
 use cli_kit::escape::escape_control;
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,10 +53,14 @@ pub fn key_fingerprint(kind: ProviderKind, secret: &[u8]) -> String {
     format!("sha256:{hex}")
 }
 
-fn config_fingerprints(
-    config: Option<&EncryptionConfiguration>,
-) -> BTreeMap<(ProviderKind, String), BTreeSet<String>> {
-    let mut out: BTreeMap<(ProviderKind, String), BTreeSet<String>> = BTreeMap::new();
+/// `sha256:` fingerprints of a config's aescbc/aesgcm/secretbox keys, by
+/// provider type and key name: what every report's needs list names a key
+/// with (see [`ScanMeta::fingerprints`]).
+pub type Fingerprints = BTreeMap<(ProviderKind, String), BTreeSet<String>>;
+
+/// The fingerprints of every aescbc/aesgcm/secretbox key in `config`.
+pub fn config_fingerprints(config: Option<&EncryptionConfiguration>) -> Fingerprints {
+    let mut out: Fingerprints = BTreeMap::new();
     let Some(config) = config else {
         return out;
     };
@@ -75,43 +83,107 @@ fn config_fingerprints(
 /// Provider, KMS provider name, key name, KMS v2 key_id.
 type NeedKey = (ProviderKind, Option<String>, Option<String>, Option<String>);
 
-/// Collects needs from records; prints them at the end.
+/// What the values counted in `summary` need to be read back, in a stable
+/// order: one entry per provider and key. Plaintext needs nothing, and an
+/// undecodable value cannot be read with any key. The one implementation
+/// behind `--needs` and the needs list of every report.
+pub fn needs(summary: &Summary, fingerprints: &Fingerprints) -> Vec<Need> {
+    let mut by_key: BTreeMap<NeedKey, u64> = BTreeMap::new();
+    for (row, stats) in summary.rows() {
+        if row.finding == Some(Finding::Undecodable) {
+            continue;
+        }
+        match row.actual.provider {
+            None | Some(ProviderKind::Identity) => {}
+            Some(kind) => {
+                let key = (
+                    kind,
+                    row.actual.provider_name.clone(),
+                    row.actual.key_name.clone(),
+                    row.key_id.clone(),
+                );
+                *by_key.entry(key).or_default() += stats.count;
+            }
+        }
+    }
+    by_key
+        .into_iter()
+        .map(|((provider, provider_name, key_name, key_id), n)| Need {
+            fingerprints: key_name
+                .as_ref()
+                .and_then(|k| fingerprints.get(&(provider, k.clone())))
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default(),
+            provider,
+            provider_name,
+            key_name,
+            key_id,
+            values: n,
+        })
+        .collect()
+}
+
+/// Writes the needs as indented lines (`  aesgcm    k1  sha256:..  (3 values)`),
+/// the same in `--needs` and in the table report.
+pub fn write_lines(out: &mut impl Write, needs: &[Need]) -> io::Result<()> {
+    if needs.is_empty() {
+        writeln!(out, "  no key (every value is plaintext)")?;
+    }
+    for n in needs {
+        let name = n
+            .provider_name
+            .as_deref()
+            .or(n.key_name.as_deref())
+            .unwrap_or("-");
+        // Names and key_ids come from what etcd holds: escaped for the terminal.
+        writeln!(
+            out,
+            "  {:<9} {}  {}  ({} values)",
+            n.provider.as_str(),
+            escape_control(name),
+            escape_control(&n.what()),
+            n.values
+        )?;
+    }
+    Ok(())
+}
+
+impl Need {
+    /// What identifies the key: the KMS v2 key_id, the KMS v1 plugin's key,
+    /// or the fingerprints of the config's key of this name.
+    pub fn what(&self) -> String {
+        match (&self.key_id, self.provider) {
+            (Some(id), _) => format!("key_id {id}"),
+            (None, ProviderKind::KmsV1) => "(the plugin's key)".to_owned(),
+            (None, _) if self.fingerprints.is_empty() => {
+                "fingerprint unknown: key not in --config".to_owned()
+            }
+            (None, _) => self.fingerprints.join(","),
+        }
+    }
+
+    /// A one-line label: `aesgcm k1 sha256:…`, `kms-v2 my-plugin key_id …`.
+    pub fn label(&self) -> String {
+        let name = self
+            .provider_name
+            .as_deref()
+            .or(self.key_name.as_deref())
+            .unwrap_or("-");
+        format!("{} {name} {}", self.provider.as_str(), self.what())
+    }
+}
+
+/// `--needs`: prints only the needs list.
 #[derive(Debug)]
 pub struct NeedsReporter<W: Write> {
     out: W,
     format: OutputFormat,
-    fingerprints: BTreeMap<(ProviderKind, String), BTreeSet<String>>,
-    needs: BTreeMap<NeedKey, u64>,
 }
 
 impl<W: Write> NeedsReporter<W> {
     /// Writes to `out` as a table (`table`, `junit`) or JSON.
-    pub fn new(out: W, format: OutputFormat, config: Option<&EncryptionConfiguration>) -> Self {
-        NeedsReporter {
-            out,
-            format,
-            fingerprints: config_fingerprints(config),
-            needs: BTreeMap::new(),
-        }
-    }
-
-    /// The needs so far, in a stable order.
-    pub fn needs(&self) -> Vec<Need> {
-        self.needs
-            .iter()
-            .map(|((provider, provider_name, key_name, key_id), n)| Need {
-                provider: *provider,
-                provider_name: provider_name.clone(),
-                key_name: key_name.clone(),
-                key_id: key_id.clone(),
-                fingerprints: key_name
-                    .as_ref()
-                    .and_then(|k| self.fingerprints.get(&(*provider, k.clone())))
-                    .map(|s| s.iter().cloned().collect())
-                    .unwrap_or_default(),
-                values: *n,
-            })
-            .collect()
+    pub fn new(out: W, format: OutputFormat) -> Self {
+        NeedsReporter { out, format }
     }
 }
 
@@ -120,28 +192,12 @@ impl<W: Write> Reporter for NeedsReporter<W> {
         Ok(())
     }
 
-    fn record(&mut self, r: &Record) -> io::Result<()> {
-        // An undecodable value cannot be read with any key.
-        if r.finding == Some(Finding::Undecodable) {
-            return Ok(());
-        }
-        match r.actual.provider {
-            None | Some(ProviderKind::Identity) => {}
-            Some(kind) => {
-                let key = (
-                    kind,
-                    r.actual.provider_name.clone(),
-                    r.actual.key_name.clone(),
-                    r.key_id.clone(),
-                );
-                *self.needs.entry(key).or_default() += 1;
-            }
-        }
+    fn record(&mut self, _r: &Record) -> io::Result<()> {
         Ok(())
     }
 
     fn finish(&mut self, meta: &ScanMeta, summary: &Summary) -> io::Result<()> {
-        let needs = self.needs();
+        let needs = needs(summary, &meta.fingerprints);
         let error = nothing_judged(meta, summary);
         if self.format == OutputFormat::Json {
             let doc = serde_json::json!({
@@ -169,33 +225,7 @@ impl<W: Write> Reporter for NeedsReporter<W> {
             escape_control(&meta.prefix),
             meta.revision
         )?;
-        if needs.is_empty() {
-            writeln!(out, "  no key (every value is plaintext)")?;
-        }
-        for n in &needs {
-            let name = n
-                .provider_name
-                .as_deref()
-                .or(n.key_name.as_deref())
-                .unwrap_or("-");
-            let what = match (&n.key_id, n.provider) {
-                (Some(id), _) => format!("key_id {id}"),
-                (None, ProviderKind::KmsV1) => "(the plugin's key)".to_owned(),
-                (None, _) if n.fingerprints.is_empty() => {
-                    "fingerprint unknown: key not in --config".to_owned()
-                }
-                (None, _) => n.fingerprints.join(","),
-            };
-            // Names and key_ids come from what etcd holds: escaped for the terminal.
-            writeln!(
-                out,
-                "  {:<9} {}  {}  ({} values)",
-                n.provider.as_str(),
-                escape_control(name),
-                escape_control(&what),
-                n.values
-            )?;
-        }
+        write_lines(out, &needs)?;
         if let Some(why) = error {
             writeln!(out, "error: {why}")?;
         }

@@ -122,6 +122,12 @@ impl<W: Write> Reporter for TableReporter<W> {
         }
 
         writeln!(out)?;
+        writeln!(
+            out,
+            "needed to read these values back (keep these keys while a backup holds them):"
+        )?;
+        super::needs::write_lines(out, &super::needs::needs(summary, &meta.fingerprints))?;
+        writeln!(out)?;
         if !summary.by_finding().is_empty() {
             let counts: Vec<String> = Finding::ALL
                 .iter()
