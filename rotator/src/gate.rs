@@ -186,3 +186,30 @@ pub async fn kek_retire(
     })
     .await
 }
+
+/// Before a new run: values the config in force would not write as they are
+/// (`stale`: another provider or key of the config; `plaintext` where it
+/// encrypts; `unreadable` or `undecodable` under it), grouped by resource
+/// and how they are stored. Non-empty means the last change was not
+/// migrated (or something else wrote to etcd): a new rotation on top of it
+/// could strand those values.
+pub async fn not_migrated(
+    etcd: &EtcdTarget,
+    config: &EncryptionConfiguration,
+) -> Result<GateReport, GateError> {
+    let auditor = Auditor::with_key_ids(config.clone(), &etcd.prefix, BTreeMap::new());
+    scan(etcd, |key, value, report| {
+        let (r, _, _) = auditor.judge_value(key, value);
+        if let Some(
+            f @ (Finding::Stale | Finding::Plaintext | Finding::Unreadable | Finding::Undecodable),
+        ) = r.finding
+        {
+            report.add(
+                r.resource.as_deref(),
+                format!("{} ({})", r.actual.label(), f.as_str()),
+                &r.key,
+            );
+        }
+    })
+    .await
+}

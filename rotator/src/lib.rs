@@ -21,6 +21,7 @@
 //! | rewrite of every object through the API | [`rewrite`] |
 //! | the etcd audit gate before a removal (etcd-inspect's library) | [`gate`] |
 //! | the kms-plugin keyring CLI | [`keyring`] |
+//! | `rotator check`, the interlocks of `apply` (drift, not-migrated values, KMS round trip, config watch) | [`check`] |
 //! | flags, exit codes | [`cli`] |
 //!
 //! Keys are generated here ([`keygen`]), never typed on a command line, and
@@ -31,6 +32,7 @@
 
 pub mod apiserver;
 pub mod apply;
+pub mod check;
 pub mod cli;
 pub mod fsio;
 pub mod gate;

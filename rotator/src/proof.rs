@@ -246,3 +246,82 @@ pub async fn wait_all(
         tokio::time::sleep(settings.poll).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::ApiserverAccess;
+
+    /// An apiserver that does not answer is waited for and named, in every
+    /// proof mode: never proven.
+    #[tokio::test]
+    async fn an_apiserver_that_does_not_answer_is_never_proven() {
+        // A port nothing listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for (mode, wanted) in [
+            (
+                ProofMode::Auto,
+                Wanted::Config {
+                    hash: "sha256:aa".into(),
+                    since: 0.0,
+                },
+            ),
+            (
+                ProofMode::Reload,
+                Wanted::Config {
+                    hash: "sha256:aa".into(),
+                    since: 0.0,
+                },
+            ),
+            (
+                ProofMode::Restart,
+                Wanted::Config {
+                    hash: "sha256:aa".into(),
+                    since: 0.0,
+                },
+            ),
+            (
+                ProofMode::Auto,
+                Wanted::KeyId {
+                    key_id_hash: "sha256:bb".into(),
+                },
+            ),
+        ] {
+            let host = Host {
+                name: "gone".into(),
+                encryption_config: "/nonexistent/config.yaml".into(),
+                keyring: None,
+                apiserver: ApiserverAccess::Url {
+                    url: format!("http://127.0.0.1:{port}"),
+                    token: None,
+                    ca_file: None,
+                },
+                proof: mode,
+            };
+            let api = Apiserver::connect(&host).await.unwrap();
+            let mut told = Vec::new();
+            let e = wait_all(
+                &[api],
+                std::slice::from_ref(&host),
+                &wanted,
+                ProofSettings {
+                    timeout: Duration::from_millis(300),
+                    poll: Duration::from_millis(100),
+                },
+                &mut |m| told.push(m),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.lagging.len(), 1, "{mode:?}: {e}");
+            assert_eq!(e.lagging[0].0, "gone");
+            assert!(
+                e.lagging[0].2.contains("unreachable") || e.lagging[0].2.contains("not ready"),
+                "{mode:?}: {e}"
+            );
+        }
+    }
+}

@@ -113,6 +113,10 @@ pub struct State {
     /// History.
     #[serde(default)]
     pub events: Vec<Event>,
+    /// What `apply --force` overrode when the run started (drift, unchecked
+    /// hosts, values the config in force did not write); empty when nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forced: Vec<String>,
 }
 
 /// The state file could not be used.
@@ -190,6 +194,7 @@ impl State {
             kek: KekProgress::default(),
             rewrite: Checkpoint::default(),
             events: Vec::new(),
+            forced: Vec::new(),
         }
     }
 

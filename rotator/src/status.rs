@@ -32,6 +32,8 @@ pub struct StatusView<'a> {
     pub new_kek: Option<u32>,
     /// New key_id.
     pub new_key_id: Option<&'a str>,
+    /// What `apply --force` overrode when the run started.
+    pub forced: &'a [String],
 }
 
 fn step_name(state: &State) -> &'static str {
@@ -64,6 +66,7 @@ pub fn view(state: &State) -> StatusView<'_> {
         old_kek: state.kek.old_kek,
         new_kek: state.kek.new_kek,
         new_key_id: state.kek.new_key_id.as_deref(),
+        forced: &state.forced,
     }
 }
 
@@ -133,6 +136,12 @@ pub fn render(state: &State) -> String {
                     "from the start"
                 }
             );
+        }
+    }
+    if !state.forced.is_empty() {
+        let _ = writeln!(s, "started with --force over:");
+        for f in &state.forced {
+            let _ = writeln!(s, "  {}", cli_kit::escape::escape_control(f));
         }
     }
     if let Some(e) = state.events.last() {
