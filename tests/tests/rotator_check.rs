@@ -1,0 +1,147 @@
+//! `rotator check` against real stand-ins over a real etcd: a clean cluster
+//! passes (exit 0); a hand-edited config on one host is drift (exit 7) with
+//! both hashes shown, in the table and in JSON; a keyring copy that differs
+//! is drift; a stopped stand-in is unreachable (exit 6), never ok.
+#![allow(clippy::unwrap_used)]
+
+use atrest_tests::cluster::{Cluster, Options, text};
+use storage_encryption::config_file_hash;
+
+fn rows(out: &std::process::Output) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(out)));
+    v["rows"].as_array().unwrap().clone()
+}
+
+fn find<'a>(rows: &'a [serde_json::Value], host: &str, check: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["host"] == host && r["check"] == check)
+        .unwrap_or_else(|| panic!("no row {host} {check}: {rows:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_cluster_passes_and_a_hand_edited_config_is_drift_with_both_hashes() {
+    // cp1 applies a changed file only after an hour: it keeps running the old one.
+    let c = Cluster::start(Options::specs(&["0s", "1h"])).await;
+    let out = c.rotator(&["check"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("result: ok: every host checked and agrees"),
+        "{table}"
+    );
+    for check in ["apiserver", "config-file", "config-hash", "config-same"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("cp1") && l.contains(check) && l.contains(" ok ")),
+            "{check}: {table}"
+        );
+    }
+    let out = c.rotator(&["check", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(rows(&out).iter().all(|r| r["result"] == "ok"), "{v}");
+
+    // Someone edits cp1's file by hand.
+    let original = std::fs::read(&c.hosts[1].config).unwrap();
+    let old_hash = config_file_hash(&original);
+    let mut edited = original.clone();
+    edited.extend_from_slice(b"# edited by hand\n");
+    std::fs::write(&c.hosts[1].config, &edited).unwrap();
+    let new_hash = config_file_hash(&edited);
+
+    let out = c.rotator(&["check"]).await;
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("cp1") && l.contains("config-hash"))
+        .unwrap();
+    assert!(
+        line.contains("DRIFT") && line.contains(&new_hash) && line.contains(&old_hash),
+        "{table}"
+    );
+    assert!(table.contains("result: DRIFT (exit 7)"), "{table}");
+
+    let out = c.rotator(&["check", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let rows = rows(&out);
+    let hash = find(&rows, "cp1", "config-hash");
+    assert_eq!(hash["result"], "drift");
+    assert_eq!(hash["expected"], new_hash.as_str(), "on disk");
+    assert_eq!(hash["found"], old_hash.as_str(), "what the apiserver runs");
+    let same = find(&rows, "cp1", "config-same");
+    assert_eq!(same["result"], "drift");
+    assert_eq!(same["expected"], old_hash.as_str(), "cp0's");
+    assert_eq!(same["found"], new_hash.as_str());
+    assert_eq!(find(&rows, "cp0", "config-hash")["result"], "ok");
+    // The key in the file is never shown.
+    let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]);
+    assert!(!text(&out).contains(&key));
+
+    // Restored: clean again.
+    std::fs::write(&c.hosts[1].config, &original).unwrap();
+    let out = c.rotator(&["check"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyring_copy_that_differs_is_drift() {
+    let c = Cluster::start(Options::new(3)).await;
+    for h in &c.hosts {
+        std::fs::write(&h.keyring, b"{\"same\": true}\n").unwrap();
+    }
+    let out = c.rotator(&["check", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(find(&rows(&out), "cp2", "keyring-same")["result"], "ok");
+
+    std::fs::write(&c.hosts[2].keyring, b"{\"same\": false}\n").unwrap();
+    let out = c.rotator(&["check", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let rows = rows(&out);
+    let r = find(&rows, "cp2", "keyring-same");
+    assert_eq!(r["result"], "drift", "{r}");
+    assert_ne!(r["expected"], r["found"]);
+    assert!(r["found"].as_str().unwrap().starts_with("sha256:"), "{r}");
+    assert_eq!(find(&rows, "cp1", "keyring-same")["result"], "ok");
+
+    // A missing copy is drift too (the others have one).
+    std::fs::remove_file(&c.hosts[1].keyring).unwrap();
+    let out = c.rotator(&["check"]).await;
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no file"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_apiserver_is_unreachable_never_ok() {
+    let mut c = Cluster::start(Options::new(2)).await;
+    let out = c.rotator(&["check"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    c.hosts[1].standin.terminate().unwrap();
+    let out = c.rotator(&["check", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    let rows = rows(&out);
+    assert_eq!(find(&rows, "cp1", "apiserver")["result"], "unreachable");
+    assert_eq!(find(&rows, "cp1", "config-hash")["result"], "unreachable");
+    assert_eq!(find(&rows, "cp0", "apiserver")["result"], "ok");
+    // Accepting unreported metrics does not accept an unreachable host.
+    let out = c.rotator(&["check", "--accept-unreported"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("NOT CHECKED"),
+        "{}",
+        text(&out)
+    );
+    // A new run refuses to start on it; a dry run says it could not look.
+    let out = c.apply(&[], &["rotate-key"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(!c.state.exists(), "a refused run wrote a state file");
+    let out = c.rotator(&["apply", "--dry-run", "rotate-key"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+}
