@@ -150,7 +150,7 @@ pub enum ApplyError {
         stage: usize,
         /// What changed where.
         #[source]
-        source: crate::check::ConfigChanged,
+        source: Box<crate::check::ConfigChanged>,
     },
     /// Blocking work run off the async workers (the kms-plugin CLI) panicked
     /// or was cancelled.
@@ -937,7 +937,7 @@ async fn rewrite_all(
     .await
     .map_err(|source| ApplyError::ConfigChanged {
         stage: index + 1,
-        source,
+        source: Box::new(source),
     })?;
     let via = settings.rewrite_via.min(apis.len().saturating_sub(1));
     let api = apis
@@ -973,7 +973,7 @@ async fn rewrite_all(
             state.save(&settings.state_path)?;
             return Err(ApplyError::ConfigChanged {
                 stage: index + 1,
-                source,
+                source: Box::new(source),
             });
         }
     };
