@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use storage_encryption::{EncryptionConfiguration, ProviderConfig, config_file_hash};
+use storage_encryption::{
+    EncryptionConfiguration, KmsApiVersion, ProviderConfig, config_file_hash,
+};
 use zeroize::Zeroizing;
 
 use crate::apiserver::Apiserver;
@@ -288,7 +290,8 @@ fn kms_names(config: &EncryptionConfiguration) -> Vec<String> {
         .iter()
         .flat_map(|r| &r.providers)
         .filter_map(|p| match p {
-            ProviderConfig::Kms(k) => Some(k.name.clone()),
+            // KMS v1 plugins report no key_id: only v2 providers are compared.
+            ProviderConfig::Kms(k) if k.api_version == KmsApiVersion::V2 => Some(k.name.clone()),
             _ => None,
         })
         .collect();

@@ -145,3 +145,48 @@ async fn a_stopped_apiserver_is_unreachable_never_ok() {
     let out = c.rotator(&["apply", "--dry-run", "rotate-key"]).await;
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_plugin_serves_another_key_id_is_drift() {
+    use atrest_tests::plugin::Keyring;
+    let mut opts = Options::new(2);
+    opts.kms = vec!["a"];
+    opts.config = "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: [secrets]\n    providers:\n      - kms:\n          apiVersion: v2\n          name: p\n          endpoint: unix://{KMS_DIR}/a.sock\n          timeout: 3s\n      - identity: {}\n".to_owned();
+    let c = Cluster::start(opts).await;
+    // Both apiservers have seen the plugins' key_id (Status every 200 ms).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let out = c.rotator(&["check", "--output", "json"]).await;
+        if out.status.success() || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let ok = rows(&out);
+    assert_eq!(find(&ok, "cp1", "kms-key-id p")["result"], "ok");
+    assert_eq!(find(&ok, "cp1", "keyring-same")["result"], "ok");
+
+    // Someone rotates the KEK in cp1's copy only: its plugin loads it, its
+    // apiserver sees the new key_id, cp0 does not.
+    let new_key_id = Keyring::at(&c.hosts[1].keyring).rotate().await.unwrap();
+    let want = storage_encryption::key_id_hash(new_key_id.trim());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let out = c.rotator(&["check", "--output", "json"]).await;
+        let seen = rows(&out)
+            .iter()
+            .any(|r| r["check"] == "kms-key-id p" && r["found"] == want.as_str());
+        if seen || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let rows = rows(&out);
+    let r = find(&rows, "cp1", "kms-key-id p");
+    assert_eq!(r["result"], "drift", "{r}");
+    assert_eq!(r["found"], want.as_str(), "{r}");
+    assert_ne!(r["expected"], r["found"], "{r}");
+    assert_eq!(find(&rows, "cp1", "keyring-same")["result"], "drift");
+}
