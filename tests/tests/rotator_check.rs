@@ -190,3 +190,44 @@ async fn a_host_whose_plugin_serves_another_key_id_is_drift() {
     assert_ne!(r["expected"], r["found"], "{r}");
     assert_eq!(find(&rows, "cp1", "keyring-same")["result"], "drift");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apiserver_without_the_config_hash_metric_is_unverified_never_ok() {
+    use atrest_tests::cluster::HostOptions;
+    let mut opts = Options::new(2);
+    // cp1 behaves like kube-apiserver before 1.34; it is proven by its reload metrics.
+    opts.hosts[1] = HostOptions {
+        proof: Some("reload".into()),
+        ..HostOptions::extra(&["--without-config-hash-metric"])
+    };
+    let mut c = Cluster::start(opts).await;
+    c.seed(10, 0).await;
+    let out = c.rotator(&["check", "--output", "json"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    let r = find(&rows(&out), "cp1", "config-hash").clone();
+    assert_eq!(r["result"], "unverified", "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("not compared"),
+        "{r}"
+    );
+    assert!(r["found"].is_null(), "{r}");
+
+    // Accepted by the operator: exit 0, and the row still says unverified.
+    let out = c.rotator(&["check", "--accept-unreported"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("cp1") && l.contains("config-hash") && l.contains("unverified")),
+        "{table}"
+    );
+    assert!(table.contains("unverified rows accepted"), "{table}");
+
+    // A new run refuses on it, unless the operator accepts it too.
+    let out = c.apply(&[], &["rotate-key"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(!c.state.exists());
+    c.apply_ok(&["--accept-unreported"], &["rotate-key"]).await;
+    c.assert_rotated().await;
+}
