@@ -397,7 +397,14 @@ pub async fn check(targets: &Targets, accept_unreported: bool) -> Report {
             (Ok(disk), Ok(samples)) => {
                 let reported = reported_hashes(samples);
                 let disk_text = disk.clone().unwrap_or_else(|| "no file".into());
-                let mut r = if reported.is_empty() {
+                let mut r = if reported.is_empty() && disk.is_none() {
+                    row(
+                        h,
+                        "config-hash",
+                        Outcome::Ok,
+                        "no file on disk and no config reported by the apiserver",
+                    )
+                } else if reported.is_empty() {
                     row(
                         h,
                         "config-hash",

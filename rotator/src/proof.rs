@@ -91,7 +91,12 @@ async fn observe(
     let samples = match api.metrics().await {
         Ok(s) => s,
         Err(e) => {
-            w.saw_down = true;
+            // Only a connection that fails shows a restart; an HTTP error
+            // (401, 403, 500...) comes from an apiserver that is up, and
+            // must not later read as "seen restarting".
+            if matches!(e, crate::apiserver::ApiError::Transport { .. }) {
+                w.saw_down = true;
+            }
             return Observation::Waiting(format!("unreachable: {e}"));
         }
     };
@@ -323,5 +328,67 @@ mod tests {
                 "{mode:?}: {e}"
             );
         }
+    }
+
+    /// Restart mode without a start-time metric: an HTTP error from an
+    /// apiserver that is up (here 500 on the first scrape) is not a restart,
+    /// so it never becomes proof.
+    #[tokio::test]
+    async fn an_http_error_is_not_seen_as_a_restart() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut scrapes = 0;
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let (status, body) = if head.starts_with("GET /metrics") {
+                    scrapes += 1;
+                    if scrapes == 1 {
+                        ("500 Internal Server Error", "")
+                    } else {
+                        ("200 OK", "some_other_metric 1\n")
+                    }
+                } else {
+                    ("200 OK", "ok")
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+        });
+        let host = Host {
+            name: "up".into(),
+            encryption_config: "/nonexistent/config.yaml".into(),
+            keyring: None,
+            apiserver: ApiserverAccess::Url {
+                url: format!("http://127.0.0.1:{port}"),
+                token: None,
+                ca_file: None,
+            },
+            proof: ProofMode::Restart,
+        };
+        let api = Apiserver::connect(&host).await.unwrap();
+        let e = wait_all(
+            &[api],
+            std::slice::from_ref(&host),
+            &Wanted::Config {
+                hash: "sha256:aa".into(),
+                since: 0.0,
+            },
+            ProofSettings {
+                timeout: Duration::from_millis(500),
+                poll: Duration::from_millis(100),
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(e.lagging[0].2.contains("not yet seen restarting"), "{e}");
     }
 }
