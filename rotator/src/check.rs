@@ -494,6 +494,8 @@ pub async fn check(targets: &Targets, accept_unreported: bool) -> Report {
             rows.push(r);
         }
     }
+    // One block per host, checks in the order above.
+    rows.sort_by_key(|r| hosts.iter().position(|h| h.name == r.host));
     Report {
         rows,
         accept_unreported,
