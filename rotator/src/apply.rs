@@ -960,7 +960,10 @@ async fn rewrite_all(
         snapshot.rewrite = cp.clone();
         snapshot.save(&path).map_err(|e| e.to_string())
     };
-    let watch = crate::check::watch_during_rewrite(targets, apis, &expected, settings.proof.poll);
+    // A person's edit is seen within a second or a poll interval, whichever is
+    // longer: the watch must not compete with the rewrite for the apiservers.
+    let watch_every = settings.proof.poll.max(Duration::from_secs(1));
+    let watch = crate::check::watch_during_rewrite(targets, apis, &expected, watch_every);
     let result = tokio::select! {
         r = rewrite::run(api, &found, &mut checkpoint, settings.rewrite, &mut save) => Ok(r),
         changed = watch => Err(changed),
