@@ -18,9 +18,11 @@ cli_kit::exit_codes! {
     /// What `kms-plugin` exits with (shown in `--help`).
     pub enum Exit {
         /// Done.
-        Success = 0 => "success (serve: stopped by SIGTERM/SIGINT after draining; probe: healthy)",
+        Success = 0 => "success (serve: stopped by SIGTERM/SIGINT after draining; probe: healthy,\n\
+                        and with --roundtrip the test value came back under Status's key_id)",
         /// Runtime failure.
-        Failure = 1 => "failure (serve: cannot start or failed; probe: unhealthy or unreachable;\n\
+        Failure = 1 => "failure (serve: cannot start or failed; probe: unhealthy, unreachable, or the\n\
+                        round trip failed;\n\
                         keyring: the file could not be read, edited or written)",
         /// Bad flags.
         Usage = 2 => "usage error",
@@ -68,6 +70,7 @@ pub enum Command {
     /// Serve the KMS v2 gRPC API on a unix socket.
     Serve(ServeArgs),
     /// Call Status on a running plugin; exit 0 only when it is healthy (for pod probes).
+    /// With --roundtrip also Encrypt + Decrypt a random test value (any KMS v2 plugin).
     Probe(ProbeArgs),
 }
 
@@ -242,9 +245,16 @@ pub struct ProbeArgs {
         default_value = "unix:///var/run/kmsplugin/socket.sock"
     )]
     pub listen: String,
-    /// How long to wait for the answer (at least 100ms).
+    /// How long to wait for each answer (at least 100ms).
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = at_least(MIN_TIMEOUT))]
     pub timeout: Duration,
+    /// Also Encrypt a random 32-byte test value and Decrypt it: exit 0 only when the
+    /// same bytes come back under Status's key_id (the value is never printed).
+    #[arg(long)]
+    pub roundtrip: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+    pub output: ListFormat,
 }
 
 /// A flag value that does not make sense; names the flag.

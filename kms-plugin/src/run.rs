@@ -77,22 +77,81 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => return fail(e, EXIT_USAGE),
             };
             init_logging(logging(LogFormat::Plain));
-            let result = runtime().map(|rt| rt.block_on(crate::probe::probe(&endpoint, timeout)));
-            match result {
-                Ok(Ok(report)) => {
-                    let line = format!(
-                        "healthy: version {} key_id {}\n",
-                        report.version,
-                        cli_kit::escape::escape_control(&report.key_id)
-                    );
-                    match cli_kit::output::print(&line) {
-                        Ok(()) => ExitCode::SUCCESS,
-                        Err(e) => fail(format!("cannot write to stdout: {e}"), EXIT_FAILURE),
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    return fail(format!("cannot start the async runtime: {e}"), EXIT_FAILURE);
+                }
+            };
+            let text = if args.roundtrip {
+                match rt.block_on(crate::probe::roundtrip(&endpoint, timeout)) {
+                    Ok(report) => probe_output(&report.status, Some(&report), args.output),
+                    Err(e) => {
+                        let message = format!("round trip failed: {e}");
+                        return fail(cli_kit::escape::escape_control(&message), EXIT_FAILURE);
                     }
                 }
-                Ok(Err(e)) => fail(e, EXIT_FAILURE),
-                Err(e) => fail(format!("cannot start the async runtime: {e}"), EXIT_FAILURE),
+            } else {
+                match rt.block_on(crate::probe::probe(&endpoint, timeout)) {
+                    Ok(report) => probe_output(&report, None, args.output),
+                    Err(e) => return fail(e, EXIT_FAILURE),
+                }
+            };
+            match cli_kit::output::print(&text) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("cannot write to stdout: {e}"), EXIT_FAILURE),
             }
+        }
+    }
+}
+
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// `probe` output: a line per result (text) or one JSON object. The test
+/// value of a round trip is never part of it.
+fn probe_output(
+    status: &crate::probe::ProbeReport,
+    roundtrip: Option<&crate::probe::RoundTripReport>,
+    format: ListFormat,
+) -> String {
+    match format {
+        ListFormat::Json => {
+            let rt = roundtrip.map(|r| {
+                serde_json::json!({
+                    "ok": true,
+                    "ciphertext_bytes": r.ciphertext_len,
+                    "status_ms": millis(r.status_time),
+                    "encrypt_ms": millis(r.encrypt_time),
+                    "decrypt_ms": millis(r.decrypt_time),
+                })
+            });
+            serde_json::json!({
+                "healthy": true,
+                "version": status.version,
+                "key_id": status.key_id,
+                "roundtrip": rt,
+            })
+            .to_string()
+                + "\n"
+        }
+        ListFormat::Text => {
+            let mut text = format!(
+                "healthy: version {} key_id {}\n",
+                status.version,
+                cli_kit::escape::escape_control(&status.key_id)
+            );
+            if let Some(r) = roundtrip {
+                text.push_str(&format!(
+                    "roundtrip: ok: Encrypt + Decrypt of a random 32-byte value gave it back under that key_id ({}-byte ciphertext; Status {} ms, Encrypt {} ms, Decrypt {} ms)\n",
+                    r.ciphertext_len,
+                    millis(r.status_time),
+                    millis(r.encrypt_time),
+                    millis(r.decrypt_time)
+                ));
+            }
+            text
         }
     }
 }

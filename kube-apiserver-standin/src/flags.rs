@@ -87,6 +87,11 @@ pub struct Args {
     /// Which namespaced core/v1 resources to serve, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "secrets,configmaps")]
     pub resources: Vec<String>,
+
+    /// Behave like kube-apiserver before 1.34: no
+    /// `apiserver_encryption_config_controller_last_config_info` metric.
+    #[arg(long)]
+    pub without_config_hash_metric: bool,
 }
 
 /// The `--token` value; `Debug` does not show it.
@@ -148,6 +153,8 @@ pub struct Config {
     pub fault_throttle_every: u64,
     /// Served resources.
     pub resources: Vec<ServedResource>,
+    /// Export the config hash metric (kube-apiserver 1.34+).
+    pub config_hash_metric: bool,
 }
 
 /// A flag value that is not acceptable.
@@ -238,6 +245,7 @@ impl TryFrom<Args> for Config {
             fault_conflict_every: args.fault_conflict_every,
             fault_throttle_every: args.fault_throttle_every,
             resources,
+            config_hash_metric: !args.without_config_hash_metric,
         })
     }
 }

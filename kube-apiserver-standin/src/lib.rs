@@ -29,6 +29,10 @@
 //! [`encryption`] + [`kms`] (transformers), [`reload`] (config file controller),
 //! [`metrics`], [`resources`] (served resources, discovery), [`apierror`] (`Status`).
 //! The test kit that runs the binary is `atrest_tests::standin::StandinProcess`.
+//!
+//! The crate's second binary, `broken-kms-plugin` (src/bin), is a fixture
+//! for a broken third-party KMS v2 plugin (see its docs), run by
+//! `atrest_tests::broken_kms`.
 
 pub mod api;
 pub mod apierror;
@@ -72,7 +76,9 @@ pub enum StandinError {
 /// Runs the stand-in until SIGTERM or SIGINT. Prints `listening on ADDR` as
 /// the first stdout line once the listener is bound.
 pub async fn run(config: Config) -> Result<(), StandinError> {
-    let metrics = Arc::new(metrics::Metrics::new(&config.apiserver_id));
+    let mut metrics = metrics::Metrics::new(&config.apiserver_id);
+    metrics.set_config_hash_metric(config.config_hash_metric);
+    let metrics = Arc::new(metrics);
     let current = Arc::new(
         reload::load_at_start(
             config.encryption_config.as_deref(),

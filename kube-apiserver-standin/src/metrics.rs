@@ -48,6 +48,8 @@ impl Transformation {
 #[derive(Debug)]
 pub struct Metrics {
     apiserver_id_hash: String,
+    /// Export `last_config_info` (kube-apiserver 1.34+).
+    config_hash_metric: bool,
     inner: Mutex<Inner>,
 }
 
@@ -75,8 +77,15 @@ impl Metrics {
         Self {
             // kube-apiserver: "sha256:" + hex(sha256(id)), the same form as key_id hashes.
             apiserver_id_hash: storage_encryption::key_id_hash(apiserver_id),
+            config_hash_metric: true,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// `false`: behave like kube-apiserver before 1.34, which has no
+    /// `apiserver_encryption_config_controller_last_config_info`.
+    pub fn set_config_hash_metric(&mut self, on: bool) {
+        self.config_hash_metric = on;
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
@@ -134,17 +143,19 @@ impl Metrics {
         let id = &self.apiserver_id_hash;
         self.with(|m| {
             let mut out = String::new();
-            family(
-                &mut out,
-                "apiserver_encryption_config_controller_last_config_info",
-                "gauge",
-                "Information about the last applied encryption configuration with hash as label.",
-            );
-            if let Some(hash) = &m.config_hash {
-                let _ = writeln!(
-                    out,
-                    "apiserver_encryption_config_controller_last_config_info{{apiserver_id_hash=\"{id}\",hash=\"{hash}\"}} 1"
+            if self.config_hash_metric {
+                family(
+                    &mut out,
+                    "apiserver_encryption_config_controller_last_config_info",
+                    "gauge",
+                    "Information about the last applied encryption configuration with hash as label.",
                 );
+                if let Some(hash) = &m.config_hash {
+                    let _ = writeln!(
+                        out,
+                        "apiserver_encryption_config_controller_last_config_info{{apiserver_id_hash=\"{id}\",hash=\"{hash}\"}} 1"
+                    );
+                }
             }
             family(
                 &mut out,

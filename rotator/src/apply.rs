@@ -50,6 +50,10 @@ pub struct ApplySettings {
     /// `--allow-unrestorable-backups`: a kept backup that still needs what a
     /// stage removes does not stop the run (recorded in the state file).
     pub allow_unrestorable_backups: bool,
+    /// Start a new run despite what the checks before it found (recorded).
+    pub force: bool,
+    /// Accept apiservers that do not report the config hash or key_id metrics.
+    pub accept_unreported: bool,
 }
 
 /// Why a run stopped.
@@ -130,6 +134,37 @@ pub enum ApplyError {
     /// Something the state says cannot be (a bug or a hand-edited state file).
     #[error("state file inconsistent: {0}")]
     Inconsistent(String),
+    /// The checks before a new run found drift, an unchecked host, or values
+    /// the current config did not write; `--force` was not given.
+    #[error("refusing to start a new run (--force overrides, and the state file records it):\n  {}", .findings.join("\n  "))]
+    Refused {
+        /// One line per finding.
+        findings: Vec<String>,
+        /// The documented exit code of the worst finding.
+        code: u8,
+    },
+    /// A host could not be looked at (its apiserver or files).
+    #[error("{0}")]
+    Unreachable(String),
+    /// A KMS provider about to become the writer failed its round trip.
+    #[error("stage {stage} refused before any write: KMS provider {provider} must pass Status + Encrypt + Decrypt on every host first:\n  {}", .failures.join("\n  "))]
+    KmsRoundTrip {
+        /// Stage number (1-based).
+        stage: usize,
+        /// The provider.
+        provider: String,
+        /// `host: reason` per failing host.
+        failures: Vec<String>,
+    },
+    /// A config changed while the rewrite ran.
+    #[error("stage {stage}: {source}")]
+    ConfigChanged {
+        /// Stage number (1-based).
+        stage: usize,
+        /// What changed where.
+        #[source]
+        source: Box<crate::check::ConfigChanged>,
+    },
     /// Blocking work run off the async workers (the kms-plugin CLI) panicked
     /// or was cancelled.
     #[error("a background task failed: {0}")]
@@ -152,8 +187,12 @@ pub mod exit {
     pub const PROOF_TIMEOUT: u8 = Exit::ProofTimeout.code();
     /// State conflict: an unfinished run exists, none to resume, or host files drifted.
     pub const STATE: u8 = Exit::State.code();
-    /// A host could not be reached (named), or its SSH host key changed (refused).
+    /// A host could not be reached or checked.
     pub const UNREACHABLE: u8 = Exit::Unreachable.code();
+    /// Drift between hosts, or between a file and its apiserver, or a config changed mid-rewrite.
+    pub const DRIFT: u8 = Exit::Drift.code();
+    /// A KMS plugin failed its round trip before becoming the writer.
+    pub const KMS_ROUNDTRIP: u8 = Exit::KmsRoundTrip.code();
 }
 
 impl ApplyError {
@@ -163,6 +202,10 @@ impl ApplyError {
             Self::Plan(_) | Self::HostConfig { .. } => exit::USAGE,
             Self::GateRefused { .. } => exit::GATE_REFUSED,
             Self::Proof { .. } => exit::PROOF_TIMEOUT,
+            Self::Refused { code, .. } => *code,
+            Self::Unreachable(_) => exit::UNREACHABLE,
+            Self::KmsRoundTrip { .. } => exit::KMS_ROUNDTRIP,
+            Self::ConfigChanged { .. } => exit::DRIFT,
             Self::Drift { .. } | Self::StateConflict(_) | Self::Inconsistent(_) => exit::STATE,
             Self::State(e) if e.is_conflict() => exit::STATE,
             Self::Host(e) | Self::Keyring(KeyringError::Host(e)) if e.is_unreachable() => {
@@ -336,6 +379,7 @@ pub async fn apply(
             old.plan.stages.len()
         )));
     }
+    let forced = preflight(targets, settings).await?;
     let plan = make_plan(targets, op, &settings.hosts, &settings.keyring_cli).await?;
     if settings.state_path.exists() {
         // Keep the finished run's file (it holds the keys it generated) beside the new one.
@@ -359,6 +403,10 @@ pub async fn apply(
         op.name(),
         state.plan.stages.len()
     ));
+    if !forced.is_empty() {
+        state.event(format!("started with --force over: {}", forced.join("; ")));
+        state.forced = forced;
+    }
     state.save(&settings.state_path)?;
     say(&format!(
         "state file {} created (it holds the new keys: keep it secret)",
@@ -366,6 +414,29 @@ pub async fn apply(
     ));
     run(targets, &mut state, settings).await?;
     Ok(state)
+}
+
+/// The interlock before a new run: `rotator check` and the etcd audit for
+/// values the current config did not write. Refuses unless `--force`; then
+/// returns what was overridden (empty when nothing was).
+async fn preflight(targets: &Targets, settings: &ApplySettings) -> Result<Vec<String>, ApplyError> {
+    say("checking every host and auditing etcd before a new run");
+    let found = crate::check::preflight(&settings.hosts, targets, settings.accept_unreported).await?;
+    if found.passed() {
+        return Ok(Vec::new());
+    }
+    let findings = found.findings();
+    if settings.force {
+        for f in &findings {
+            say(&format!("--force: overriding {f}"));
+        }
+        return Ok(findings);
+    }
+    let code = match &found.check {
+        Some(c) if !c.passed() => c.exit_code(),
+        _ => exit::GATE_REFUSED,
+    };
+    Err(ApplyError::Refused { findings, code })
 }
 
 /// Resumes the run in the state file.
@@ -497,6 +568,7 @@ async fn run(
                     }
                     state.event(format!("gate passed: {report}"));
                 }
+                kms_roundtrip_before_writer(targets, state, index, settings).await?;
                 let started = match state.step {
                     Step::Applying { started } => started,
                     _ => now(),
@@ -536,6 +608,63 @@ async fn run(
         for b in &state.unrestorable_backups {
             say(&format!("  {b}"));
         }
+    }
+    if !state.forced.is_empty() {
+        say(&format!(
+            "this run was started with --force over: {}",
+            state.forced.join("; ")
+        ));
+    }
+    Ok(())
+}
+
+/// Before a stage makes a KMS provider the writer of some resource: a round
+/// trip through it on every host. Refuses before anything of the stage is written.
+async fn kms_roundtrip_before_writer(
+    targets: &Targets,
+    state: &mut State,
+    index: usize,
+    settings: &ApplySettings,
+) -> Result<(), ApplyError> {
+    let Action::WriteConfig { content, .. } = &state.plan.stages[index].action else {
+        return Ok(());
+    };
+    let after = parse_config(content, "config of this stage")?;
+    let before = match state.plan.config_before(index) {
+        Some(t) => Some(parse_config(t, "config before this stage")?),
+        None => None,
+    };
+    for kms in crate::check::new_kms_writers(before.as_ref(), &after) {
+        say(&format!(
+            "KMS provider {} becomes a writer: round trip (Status + Encrypt + Decrypt) through {} on every host",
+            kms.name, kms.endpoint
+        ));
+        let failures = crate::check::roundtrips(&settings.hosts, targets, kms).await;
+        if !failures.is_empty() {
+            let lines: Vec<String> = failures
+                .iter()
+                .map(|f| format!("{}: {}", f.host, f.reason))
+                .collect();
+            state.event(format!(
+                "refused: KMS provider {} failed its round trip on {}",
+                kms.name,
+                failures
+                    .iter()
+                    .map(|f| f.host.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            state.save(&settings.state_path)?;
+            return Err(ApplyError::KmsRoundTrip {
+                stage: index + 1,
+                provider: kms.name.clone(),
+                failures: lines,
+            });
+        }
+        state.event(format!(
+            "KMS provider {} passed its round trip on every host",
+            kms.name
+        ));
     }
     Ok(())
 }
@@ -676,7 +805,9 @@ async fn do_action(
             }
             distribute_keyring(targets, &settings.hosts, state)
         }
-        Action::Rewrite { resources } => rewrite_all(apis, state, resources, settings).await,
+        Action::Rewrite { resources } => {
+            rewrite_all(targets, apis, state, index, resources, settings).await
+        }
     }
 }
 
@@ -843,12 +974,38 @@ async fn retire_old_kek(
 
 /// Rewrites every object of `resources` through one apiserver, saving the
 /// checkpoint to the state file as pages complete.
+///
+/// Every host's config must stay the one the stage expects (the previous
+/// config stage's): proven again before it starts or resumes, watched while
+/// it runs; a change stops it ([`ApplyError::ConfigChanged`]).
 async fn rewrite_all(
+    targets: &Targets,
     apis: &[Apiserver],
     state: &mut State,
+    index: usize,
     resources: &[String],
     settings: &ApplySettings,
 ) -> Result<(), ApplyError> {
+    let expected = state
+        .plan
+        .config_before(index)
+        .map(|t| config_file_hash(t.expose().as_bytes()))
+        .ok_or_else(|| {
+            ApplyError::Inconsistent("a rewrite stage with no config before it".into())
+        })?;
+    crate::check::reprove_before_rewrite(
+        &settings.hosts,
+        targets,
+        apis,
+        &expected,
+        settings.proof.timeout,
+        settings.proof.poll,
+    )
+    .await
+    .map_err(|source| ApplyError::ConfigChanged {
+        stage: index + 1,
+        source: Box::new(source),
+    })?;
     let via = settings.rewrite_via.min(apis.len().saturating_sub(1));
     let api = apis
         .get(via)
@@ -870,9 +1027,26 @@ async fn rewrite_all(
         snapshot.rewrite = cp.clone();
         snapshot.save(&path).map_err(|e| e.to_string())
     };
-    let result = rewrite::run(api, &found, &mut checkpoint, settings.rewrite, &mut save).await;
+    // A person's edit is seen within a second or a poll interval, whichever is
+    // longer: the watch must not compete with the rewrite for the apiservers.
+    let watch_every = settings.proof.poll.max(Duration::from_secs(1));
+    let watch = crate::check::watch_during_rewrite(&settings.hosts, targets, apis, &expected, watch_every);
+    let result = tokio::select! {
+        r = rewrite::run(api, &found, &mut checkpoint, settings.rewrite, &mut save) => Ok(r),
+        changed = watch => Err(changed),
+    };
     state.rewrite = checkpoint;
-    let summary = result?;
+    let summary = match result {
+        Ok(r) => r?,
+        Err(source) => {
+            state.event(format!("rewrite stopped: {source}"));
+            state.save(&settings.state_path)?;
+            return Err(ApplyError::ConfigChanged {
+                stage: index + 1,
+                source: Box::new(source),
+            });
+        }
+    };
     eprint!("{summary}");
     state.event(format!(
         "rewrite done: {} updated, {} gone",

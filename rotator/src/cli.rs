@@ -29,13 +29,25 @@ cli_kit::exit_codes! {
         /// Usage or config error.
         Usage = 2 => "usage or config error: flags, rotator config, EncryptionConfiguration, no possible plan",
         /// The gate refused a removal.
-        GateRefused = 3 => "the etcd audit gate refused a removal: values (in etcd or a kept backup) still need the old key (listed)",
+        GateRefused = 3 => "the etcd audit refused: values (in etcd or a kept backup) still need the old\n\
+                            key (listed), or, before a new run, values the current config did not write\n\
+                            (the last change was not migrated; counts per resource; --force overrides, recorded)",
         /// A stage was not proven in time.
         ProofTimeout = 4 => "an apiserver did not prove the stage in time (named, with what it shows)",
         /// State conflict.
         State = 5 => "state conflict: an unfinished run exists, nothing to resume, or a host file changed",
-        /// A host could not be reached over SSH, or its host key changed.
-        Unreachable = 6 => "a host could not be reached, or its SSH host key changed (named, refused); every host stays readable: resume when it is back",
+        /// A host could not be reached or checked, or its SSH host key changed.
+        Unreachable = 6 => "a host could not be reached or checked, or its SSH host key changed (named,\n\
+                            refused; every host stays readable: resume when it is back); check: an\n\
+                            apiserver or file could not be read, or a metric is not reported and\n\
+                            --accept-unreported was not given",
+        /// Drift.
+        Drift = 7 => "drift: a host's config or keyring differs from another's, or from what its\n\
+                      apiserver runs (check, and before a new run: --force overrides, recorded), or\n\
+                      a config changed during the rewrite (it stopped: restore the file, then resume)",
+        /// A KMS plugin failed its round trip.
+        KmsRoundTrip = 8 => "a KMS plugin failed Status + Encrypt + Decrypt on a host before becoming the\n\
+                             writer (host and reason named; nothing of that stage was written)",
     }
 }
 
@@ -118,6 +130,17 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Check every host: config on disk vs what its apiserver runs, configs and
+    /// keyrings identical, every apiserver on the same KMS key_id. Changes nothing.
+    Check {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        output: CheckOutput,
+        /// Accept apiservers that do not report the config hash or KMS key_id
+        /// metrics (their rows stay `unverified`, never `ok`).
+        #[arg(long)]
+        accept_unreported: bool,
+    },
     /// Show where the run in the state file stands.
     Status {
         /// Output format.
@@ -132,6 +155,15 @@ pub enum Output {
     /// For people.
     Text,
     /// For scripts.
+    Json,
+}
+
+/// `check` formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckOutput {
+    /// One row per host per check, for people.
+    Table,
+    /// For scripts and CI.
     Json,
 }
 
@@ -232,6 +264,15 @@ pub struct RunArgs {
     /// recorded in the state file and the run's summary.
     #[arg(long, global = true)]
     pub allow_unrestorable_backups: bool,
+    /// apply: start even though `rotator check` finds drift or an unchecked host, or etcd
+    /// holds values the current config did not write (what was overridden is recorded in
+    /// the state file and printed).
+    #[arg(long, global = true)]
+    pub force: bool,
+    /// Accept apiservers that do not report the config hash or KMS key_id metrics in the
+    /// checks before a new run (see `rotator check`).
+    #[arg(long, global = true)]
+    pub accept_unreported: bool,
 }
 
 /// A flag that does not fit.
@@ -386,6 +427,8 @@ fn settings(cli: &Cli, run: &RunArgs, targets: &Targets) -> Result<ApplySettings
         hosts,
         max_stages: run.stages,
         allow_unrestorable_backups: run.allow_unrestorable_backups,
+        force: run.force,
+        accept_unreported: run.accept_unreported,
     })
 }
 
@@ -394,10 +437,16 @@ fn fail(e: &dyn std::fmt::Display, code: u8) -> u8 {
     code
 }
 
-async fn dry_run_checks(targets: &Targets) {
+/// Prints each apiserver's reachability and proof mode; `false` when one did
+/// not answer (a dry run that could not look at every host is not a success).
+async fn dry_run_checks(targets: &Targets) -> bool {
+    let mut all = true;
     for h in targets.hosts() {
         let line = match crate::apiserver::Apiserver::connect(h).await {
-            Err(e) => format!("{}: {e}", h.name),
+            Err(e) => {
+                all = false;
+                format!("{}: {e}", h.name)
+            }
             Ok(api) => match api.metrics().await {
                 Ok(samples) => {
                     let mode = match h.proof {
@@ -406,13 +455,29 @@ async fn dry_run_checks(targets: &Targets) {
                     };
                     format!("{}: reachable; proof by {}", h.name, mode.as_str())
                 }
-                Err(e) => format!("{}: metrics unreachable: {e}", h.name),
+                Err(e) => {
+                    all = false;
+                    format!("{}: metrics unreachable: {e}", h.name)
+                }
             },
         };
         out(&format!(
             "apiserver {}\n",
             cli_kit::escape::escape_control(&line)
         ));
+    }
+    all
+}
+
+/// The end of a dry run: nothing changed; exit 6 when a host could not be looked at.
+fn dry_run_end(reachable: bool) -> Result<(), ApplyError> {
+    out("dry run: nothing was changed\n");
+    if reachable {
+        Ok(())
+    } else {
+        Err(ApplyError::Unreachable(
+            "dry run: an apiserver did not answer (see above)".into(),
+        ))
     }
 }
 
@@ -458,8 +523,25 @@ pub async fn run(cli: Cli) -> u8 {
         Ok(t) => t,
         Err(e) => return fail(&e, exit::USAGE),
     };
+    if let Command::Check {
+        output,
+        accept_unreported,
+    } = &cli.command
+    {
+        let hosts = HostFs::new(locate_plugin(targets.kms_plugin.as_deref()));
+        let report = crate::check::check(&hosts, &targets, *accept_unreported).await;
+        let text = match output {
+            CheckOutput::Table => report.render_table(),
+            CheckOutput::Json => match serde_json::to_string_pretty(&report.to_json()) {
+                Ok(j) => j + "\n",
+                Err(e) => return fail(&e, exit::FAILURE),
+            },
+        };
+        out(&text);
+        return report.exit_code();
+    }
     let result: Result<(), ApplyError> = match &cli.command {
-        Command::Status { .. } => Ok(()),
+        Command::Status { .. } | Command::Check { .. } => Ok(()),
         Command::Plan { op } => {
             let op = match Operation::try_from(op) {
                 Ok(o) => o,
@@ -484,9 +566,8 @@ pub async fn run(cli: Cli) -> u8 {
                     Ok(plan) => {
                         out(&crate::render::render_plan(&plan, &targets));
                         out("\n");
-                        dry_run_checks(&targets).await;
-                        out("dry run: nothing was changed\n");
-                        Ok(())
+                        let reachable = dry_run_checks(&targets).await;
+                        dry_run_end(reachable)
                     }
                     Err(e) => Err(e),
                 }
@@ -503,9 +584,8 @@ pub async fn run(cli: Cli) -> u8 {
                 match State::load(&s.state_path) {
                     Ok(Some(state)) => {
                         out(&crate::status::render(&state));
-                        dry_run_checks(&targets).await;
-                        out("dry run: nothing was changed\n");
-                        Ok(())
+                        let reachable = dry_run_checks(&targets).await;
+                        dry_run_end(reachable)
                     }
                     Ok(None) => Err(ApplyError::StateConflict(format!(
                         "no state file at {}",

@@ -114,12 +114,12 @@ impl GateReport {
         self.blocking.is_empty() && self.broken_backups.is_empty()
     }
 
-    fn add(&mut self, r: &Record) {
+    fn add_labelled(&mut self, r: &Record, label: String) {
         let row = self
             .blocking
             .entry((
                 r.resource.as_deref().unwrap_or("(no resource)").to_owned(),
-                stored_label(r),
+                label,
             ))
             .or_default();
         row.count += 1;
@@ -236,6 +236,15 @@ async fn scan(
     etcd: &EtcdTarget,
     judge: &impl Fn(&[u8], &[u8]) -> Option<Record>,
 ) -> Result<GateReport, GateError> {
+    scan_labelled(etcd, judge, stored_label).await
+}
+
+/// [`scan`], with rows named by `label`.
+async fn scan_labelled(
+    etcd: &EtcdTarget,
+    judge: &impl Fn(&[u8], &[u8]) -> Option<Record>,
+    label: impl Fn(&Record) -> String,
+) -> Result<GateReport, GateError> {
     let conn = connection(etcd);
     let kv = conn.kv_client().await?;
     let mut scan = Scan::start(
@@ -251,7 +260,7 @@ async fn scan(
         for kv in &page.kvs {
             report.scanned += 1;
             if let Some(r) = judge(&kv.key, &kv.value) {
-                report.add(&r);
+                report.add_labelled(&r, label(&r));
             }
         }
     }
@@ -386,6 +395,32 @@ pub async fn kek_retire(
             .then_some(r)
     };
     etcd_and_backups(etcd, backups, judge, &Fingerprints::new()).await
+}
+
+/// Before a new run: values the config in force would not write as they are
+/// (`stale`: another provider or key of the config; `plaintext` where it
+/// encrypts; `unreadable` or `undecodable` under it), grouped by resource
+/// and how they are stored. Non-empty means the last change was not
+/// migrated (or something else wrote to etcd): a new rotation on top of it
+/// could strand those values.
+pub async fn not_migrated(
+    etcd: &EtcdTarget,
+    config: &EncryptionConfiguration,
+) -> Result<GateReport, GateError> {
+    let auditor = Auditor::with_key_ids(config.clone(), &etcd.prefix, BTreeMap::new());
+    let judge = |key: &[u8], value: &[u8]| {
+        let (r, _, _) = auditor.judge_value(key, value);
+        matches!(
+            r.finding,
+            Some(Finding::Stale | Finding::Plaintext | Finding::Unreadable | Finding::Undecodable)
+        )
+        .then_some(r)
+    };
+    let label = |r: &Record| {
+        let finding = r.finding.map(|f| f.as_str()).unwrap_or_default();
+        format!("{} ({finding})", r.actual.label())
+    };
+    scan_labelled(etcd, &judge, label).await
 }
 
 #[cfg(test)]

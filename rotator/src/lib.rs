@@ -22,6 +22,7 @@
 //! | the etcd audit gate before a removal (etcd-inspect's library) | [`gate`] |
 //! | the kms-plugin keyring CLI | [`keyring`] |
 //! | files and commands on a host, local or over SSH | [`hostfs`] |
+//! | `rotator check`, the interlocks of `apply` (drift, not-migrated values, KMS round trip, config watch) | [`check`] |
 //! | flags, exit codes | [`cli`] |
 //!
 //! Keys are generated here ([`keygen`]), never typed on a command line, and
@@ -32,6 +33,7 @@
 
 pub mod apiserver;
 pub mod apply;
+pub mod check;
 pub mod cli;
 pub mod fsio;
 pub mod gate;

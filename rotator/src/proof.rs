@@ -91,7 +91,12 @@ async fn observe(
     let samples = match api.metrics().await {
         Ok(s) => s,
         Err(e) => {
-            w.saw_down = true;
+            // Only a connection that fails shows a restart; an HTTP error
+            // (401, 403, 500...) comes from an apiserver that is up, and
+            // must not later read as "seen restarting".
+            if matches!(e, crate::apiserver::ApiError::Transport { .. }) {
+                w.saw_down = true;
+            }
             return Observation::Waiting(format!("unreachable: {e}"));
         }
     };
@@ -244,5 +249,148 @@ pub async fn wait_all(
             });
         }
         tokio::time::sleep(settings.poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::ApiserverAccess;
+
+    /// An apiserver that does not answer is waited for and named, in every
+    /// proof mode: never proven.
+    #[tokio::test]
+    async fn an_apiserver_that_does_not_answer_is_never_proven() {
+        // A port nothing listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for (mode, wanted) in [
+            (
+                ProofMode::Auto,
+                Wanted::Config {
+                    hash: "sha256:aa".into(),
+                    since: 0.0,
+                },
+            ),
+            (
+                ProofMode::Reload,
+                Wanted::Config {
+                    hash: "sha256:aa".into(),
+                    since: 0.0,
+                },
+            ),
+            (
+                ProofMode::Restart,
+                Wanted::Config {
+                    hash: "sha256:aa".into(),
+                    since: 0.0,
+                },
+            ),
+            (
+                ProofMode::Auto,
+                Wanted::KeyId {
+                    key_id_hash: "sha256:bb".into(),
+                },
+            ),
+        ] {
+            let host = Host {
+                name: "gone".into(),
+                encryption_config: "/nonexistent/config.yaml".into(),
+                keyring: None,
+                apiserver: ApiserverAccess::Url {
+                    url: format!("http://127.0.0.1:{port}"),
+                    token: None,
+                    ca_file: None,
+                },
+                proof: mode,
+                ssh: None,
+            };
+            let api = Apiserver::connect(&host).await.unwrap();
+            let mut told = Vec::new();
+            let e = wait_all(
+                &[api],
+                std::slice::from_ref(&host),
+                &wanted,
+                ProofSettings {
+                    timeout: Duration::from_millis(300),
+                    poll: Duration::from_millis(100),
+                },
+                &mut |m| told.push(m),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.lagging.len(), 1, "{mode:?}: {e}");
+            assert_eq!(e.lagging[0].0, "gone");
+            assert!(
+                e.lagging[0].2.contains("unreachable") || e.lagging[0].2.contains("not ready"),
+                "{mode:?}: {e}"
+            );
+        }
+    }
+
+    /// Restart mode without a start-time metric: an HTTP error from an
+    /// apiserver that is up (here 500 on the first scrape) is not a restart,
+    /// so it never becomes proof.
+    #[tokio::test]
+    async fn an_http_error_is_not_seen_as_a_restart() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut scrapes = 0;
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let (status, body) = if head.starts_with("GET /metrics") {
+                    scrapes += 1;
+                    if scrapes == 1 {
+                        ("500 Internal Server Error", "")
+                    } else {
+                        ("200 OK", "some_other_metric 1\n")
+                    }
+                } else {
+                    ("200 OK", "ok")
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+        });
+        let host = Host {
+            name: "up".into(),
+            encryption_config: "/nonexistent/config.yaml".into(),
+            keyring: None,
+            apiserver: ApiserverAccess::Url {
+                url: format!("http://127.0.0.1:{port}"),
+                token: None,
+                ca_file: None,
+            },
+            proof: ProofMode::Restart,
+            ssh: None,
+        };
+        let api = Apiserver::connect(&host).await.unwrap();
+        let e = wait_all(
+            &[api],
+            std::slice::from_ref(&host),
+            &Wanted::Config {
+                hash: "sha256:aa".into(),
+                since: 0.0,
+            },
+            ProofSettings {
+                timeout: Duration::from_millis(500),
+                poll: Duration::from_millis(100),
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(e.lagging[0].2.contains("not yet seen restarting"), "{e}");
     }
 }

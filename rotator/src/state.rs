@@ -118,6 +118,10 @@ pub struct State {
     /// needs, which are now gone (it cannot be restored).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unrestorable_backups: Vec<String>,
+    /// What `apply --force` overrode when the run started (drift, unchecked
+    /// hosts, values the config in force did not write); empty when nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forced: Vec<String>,
 }
 
 /// The state file could not be used.
@@ -196,6 +200,7 @@ impl State {
             rewrite: Checkpoint::default(),
             events: Vec::new(),
             unrestorable_backups: Vec::new(),
+            forced: Vec::new(),
         }
     }
 

@@ -34,6 +34,8 @@ pub struct StatusView<'a> {
     pub new_key_id: Option<&'a str>,
     /// Kept backups let through by `--allow-unrestorable-backups`.
     pub unrestorable_backups: &'a [String],
+    /// What `apply --force` overrode when the run started.
+    pub forced: &'a [String],
 }
 
 fn step_name(state: &State) -> &'static str {
@@ -67,6 +69,7 @@ pub fn view(state: &State) -> StatusView<'_> {
         new_kek: state.kek.new_kek,
         new_key_id: state.kek.new_key_id.as_deref(),
         unrestorable_backups: &state.unrestorable_backups,
+        forced: &state.forced,
     }
 }
 
@@ -145,6 +148,12 @@ pub fn render(state: &State) -> String {
                     "from the start"
                 }
             );
+        }
+    }
+    if !state.forced.is_empty() {
+        let _ = writeln!(s, "started with --force over:");
+        for f in &state.forced {
+            let _ = writeln!(s, "  {}", cli_kit::escape::escape_control(f));
         }
     }
     if let Some(e) = state.events.last() {

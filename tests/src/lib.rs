@@ -12,8 +12,10 @@
 //! | [`cluster`] | the rotator's hosts over one etcd: stand-ins, plugins, rotator runs, audits |
 //! | [`softhsm`] | a SoftHSM2 token of the test's own (directory, config, PIN file), `pkcs11-tool` |
 //! | [`sshd`] | real OpenSSH sshds, each in its own mount namespace: "hosts" reached over SSH |
+//! | [`broken_kms`] | a broken third-party KMS v2 plugin (Decrypt fails, wrong bytes, other key_id): a fixture, not a mock of ours |
 //! | [`inspect`] | etcd-inspect test data: keys, values written as kube-apiserver writes them |
 
+pub mod broken_kms;
 pub mod cluster;
 pub mod etcd;
 pub mod inspect;

@@ -125,3 +125,92 @@ async fn probe_exits_2_on_a_usage_error() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probe_roundtrip_passes_against_the_real_plugin_and_never_prints_the_value() -> Result<()> {
+    let plugin = PluginProcess::start(PluginOptions::new()).await?;
+    let listen = plugin.endpoint().listen_arg();
+    let status = plugin.status().await?;
+    let out = cli(["probe", "--listen", &listen, "--roundtrip"]).await?;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("key_id {}", status.key_id))
+            && out.stdout.contains("roundtrip: ok")
+            && out.stdout.contains("68-byte ciphertext"),
+        "{out:?}"
+    );
+    let out = cli([
+        "probe",
+        "--listen",
+        &listen,
+        "--roundtrip",
+        "--output",
+        "json",
+    ])
+    .await?;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(v["healthy"], true, "{v}");
+    assert_eq!(v["key_id"], status.key_id.as_str(), "{v}");
+    assert_eq!(v["roundtrip"]["ok"], true, "{v}");
+    assert_eq!(v["roundtrip"]["ciphertext_bytes"], 68, "{v}");
+    for t in ["status_ms", "encrypt_ms", "decrypt_ms"] {
+        assert!(v["roundtrip"][t].as_f64().is_some(), "{t}: {v}");
+    }
+    // The output holds the names above and nothing else: no field could carry the value.
+    let keys: Vec<&str> = v["roundtrip"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "ciphertext_bytes",
+            "decrypt_ms",
+            "encrypt_ms",
+            "ok",
+            "status_ms"
+        ]
+    );
+    // Without --roundtrip, JSON says so.
+    let out = cli(["probe", "--listen", &listen, "--output", "json"]).await?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    assert!(v["roundtrip"].is_null(), "{v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probe_roundtrip_fails_against_a_broken_third_party_plugin() -> Result<()> {
+    use atrest_tests::broken_kms::BrokenKms;
+    let dir = tempfile::tempdir()?;
+    for (fault, words) in [
+        ("decrypt-fails", "Decrypt call to"),
+        ("wrong-plaintext", "differ from the 32 bytes encrypted"),
+        (
+            "other-key-id",
+            "Encrypt returned key_id \"broken-fixture-key-2\" but Status reported \"broken-fixture-key-1\"",
+        ),
+    ] {
+        let socket = dir.path().join(format!("{fault}.sock"));
+        let broken = BrokenKms::start(&socket, fault)?;
+        // Status alone is healthy: only the round trip shows the fault.
+        let out = cli(["probe", "--listen", &broken.endpoint()]).await?;
+        assert_eq!(out.code(), Some(0), "{fault}: {out:?}");
+        let out = cli(["probe", "--listen", &broken.endpoint(), "--roundtrip"]).await?;
+        assert_eq!(out.code(), Some(1), "{fault}: {out:?}");
+        assert!(
+            out.stderr.contains("round trip failed") && out.stderr.contains(words),
+            "{fault}: {out:?}"
+        );
+        assert!(out.stdout.is_empty(), "{fault}: {out:?}");
+        if fault == "decrypt-fails" {
+            assert!(
+                out.stderr.contains("cannot decrypt"),
+                "the plugin's reason: {out:?}"
+            );
+        }
+    }
+    Ok(())
+}
