@@ -162,6 +162,7 @@ async fn main() {
             ca_file: None,
         },
         proof: ProofMode::ConfigHash,
+        ssh: None,
     };
     let api = Apiserver::connect(&host).await.unwrap();
     // Wait for etcd + stand-in.
