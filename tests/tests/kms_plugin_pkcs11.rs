@@ -523,7 +523,10 @@ fn ensure_exhausted(status: &tonic::Status) -> Result<()> {
 /// a key stays inside the module with its session: a token that stalls,
 /// as a network HSM does when its link hangs. Dropping releases them.
 #[derive(Debug)]
-struct StalledToken(Vec<std::fs::File>);
+struct StalledToken {
+    /// Held only to keep the locks (closing a file releases them).
+    _locks: Vec<std::fs::File>,
+}
 
 impl StalledToken {
     fn stall(tokens: &std::path::Path) -> Result<StalledToken> {
@@ -558,7 +561,7 @@ impl StalledToken {
             "no key object files under {}",
             tokens.display()
         );
-        Ok(StalledToken(held))
+        Ok(StalledToken { _locks: held })
     }
 }
 
