@@ -480,7 +480,10 @@ impl Token {
         // client mostly waits, which the wall time shows). Reading a
         // thread's CPU clock is a system call (~0.5 µs, twice per call):
         // sampled, not paid on every call.
-        let sampled = self.calls.fetch_add(1, Ordering::Relaxed) % CPU_SAMPLE_EVERY == 0;
+        let sampled = self
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CPU_SAMPLE_EVERY);
         let cpu = sampled.then(thread_cpu);
         let wall = Instant::now();
         let out = call();
