@@ -46,10 +46,14 @@ pub enum EncryptError {
     /// The cipher refused (cannot happen for valid lengths).
     #[error("encryption failed")]
     Cipher,
-    /// The token holding the primary KEK cannot be used now (gone, or every
-    /// session busy); the words say which.
+    /// The token holding the primary KEK cannot be used now (gone); the
+    /// words say why.
     #[error("{0}")]
     Unavailable(String),
+    /// Every session of the token's pool stayed busy for the whole wait;
+    /// the words name the pool.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 /// Why Decrypt refused. Never includes the ciphertext or the plaintext.
@@ -82,4 +86,8 @@ pub enum DecryptError {
     /// The token holding the KEK cannot be used now; the words say why.
     #[error("{0}")]
     Unavailable(String),
+    /// Every session of the token's pool stayed busy for the whole wait;
+    /// the words name the pool.
+    #[error("{0}")]
+    Exhausted(String),
 }

@@ -229,7 +229,7 @@ pub struct Pkcs11ServeArgs {
     /// hundred per client; several plugins may share one).
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub pkcs11_max_sessions: usize,
-    /// How long a call waits for a free session before failing with UNAVAILABLE
+    /// How long a call waits for a free session before failing with RESOURCE_EXHAUSTED
     /// (at least 10ms).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = at_least(MIN_SESSION_WAIT))]
     pub pkcs11_session_wait: Duration,

@@ -1,17 +1,29 @@
 //! Prometheus metrics. Every label value comes from a fixed set (methods,
-//! outcomes, reload results); the only free-form label is the current
-//! key_id's SHA-256, which is public by design (kube-apiserver logs the same).
+//! outcomes, reload results, session states); the only free-form label is
+//! the current key_id's SHA-256, which is public by design (kube-apiserver
+//! logs the same).
+//!
+//! With `--pkcs11-module`, the `atrest_kms_pkcs11_*` families show the
+//! session pools and the time spent inside the module, summed over the
+//! tokens the keyring uses (normally one; no token or key label appears).
+//! They are read from the pools at each scrape, so the hot path only bumps
+//! atomics it keeps anyway.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
+
+use crate::pkcs11::TokenStats;
 
 /// A gRPC method of the KMS v2 service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,10 +190,112 @@ pub fn key_id_hash(key_id: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(key_id.as_bytes())))
 }
 
+/// Where the `atrest_kms_pkcs11_*` families come from: the process's tokens
+/// (`None` without `--pkcs11-module`: the families are left out).
+pub type Pkcs11Source = fn() -> Option<TokenStats>;
+
+fn installed_tokens() -> Option<TokenStats> {
+    crate::pkcs11::serving::installed().map(crate::pkcs11::serving::Hsm::stats)
+}
+
+/// The PKCS#11 families, read from the pools at each scrape.
+#[derive(Debug)]
+struct Pkcs11Collector {
+    source: Pkcs11Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SessionLabels {
+    state: &'static str,
+}
+
+impl Collector for Pkcs11Collector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(s) = (self.source)() else {
+            return Ok(());
+        };
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let sessions = [
+            ("open", s.open_sessions),
+            ("busy", s.busy_sessions),
+            ("max", s.max_sessions),
+        ];
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "pkcs11_sessions",
+            "PKCS#11 sessions for crypto calls: open now, busy (in a call) now, and the pool's bound (--pkcs11-max-sessions)",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (state, n) in sessions {
+            ConstGauge::new(count(n)).encode(family.encode_family(&SessionLabels { state })?)?;
+        }
+        let gauges: [(&str, &str, i64); 1] = [(
+            "pkcs11_sessions_peak",
+            "Most PKCS#11 sessions ever open at once for crypto calls",
+            count(s.peak_sessions),
+        )];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let counters: [(&str, &str, u64); 3] = [
+            (
+                "pkcs11_module_calls",
+                "Crypto operations run inside the PKCS#11 module (encrypt, decrypt, check value)",
+                s.calls,
+            ),
+            (
+                "pkcs11_session_waits",
+                "Calls that found every PKCS#11 session busy and waited for one",
+                s.waits,
+            ),
+            (
+                "pkcs11_pool_exhausted",
+                "Calls that waited --pkcs11-session-wait for a session in vain and failed with RESOURCE_EXHAUSTED",
+                s.exhausted,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let seconds: [(&str, &str, Duration); 3] = [
+            (
+                "pkcs11_module_seconds",
+                "Wall time inside the PKCS#11 module's C_EncryptInit/C_Encrypt/C_DecryptInit/C_Decrypt calls",
+                s.inside_wall,
+            ),
+            (
+                "pkcs11_module_cpu_seconds",
+                "CPU time of the calling threads inside those module calls (measured on one call in 16, scaled)",
+                s.inside,
+            ),
+            (
+                "pkcs11_session_wait_seconds",
+                "Time calls spent waiting for a free PKCS#11 session",
+                s.waited,
+            ),
+        ];
+        for (name, help, value) in seconds {
+            let c = ConstCounter::new(value.as_secs_f64());
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
-    /// Registers every family under the `atrest_kms` prefix.
+    /// Registers every family under the `atrest_kms` prefix; the PKCS#11
+    /// families come from the process's tokens.
     pub fn new() -> Self {
+        Self::with_pkcs11(installed_tokens)
+    }
+
+    /// As [`Self::new`], with the PKCS#11 families read from `source`.
+    pub fn with_pkcs11(source: Pkcs11Source) -> Self {
         let mut registry = Registry::with_prefix("atrest_kms");
+        registry.register_collector(Box::new(Pkcs11Collector { source }));
         let requests = Family::<CallLabels, Counter>::default();
         let durations = Family::<CallLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -398,5 +512,45 @@ mod tests {
             !m.encode().contains(&key_id_hash("atrest-v1-k1-e1-00")),
             "old key_id hash kept"
         );
+    }
+
+    #[test]
+    fn pkcs11_families_show_the_pools_only_when_a_module_is_configured() {
+        assert!(
+            !Metrics::with_pkcs11(|| None).encode().contains("pkcs11"),
+            "PKCS#11 families without a module"
+        );
+        let m = Metrics::with_pkcs11(|| {
+            Some(TokenStats {
+                calls: 10,
+                inside: Duration::from_millis(3),
+                inside_wall: Duration::from_millis(4),
+                open_sessions: 2,
+                busy_sessions: 1,
+                peak_sessions: 3,
+                max_sessions: 16,
+                waits: 5,
+                waited: Duration::from_millis(1500),
+                exhausted: 2,
+            })
+        });
+        let text = m.encode();
+        for want in [
+            "atrest_kms_pkcs11_sessions{state=\"open\"} 2",
+            "atrest_kms_pkcs11_sessions{state=\"busy\"} 1",
+            "atrest_kms_pkcs11_sessions{state=\"max\"} 16",
+            "atrest_kms_pkcs11_sessions_peak 3",
+            "# TYPE atrest_kms_pkcs11_module_calls counter",
+            "atrest_kms_pkcs11_module_calls_total 10",
+            "atrest_kms_pkcs11_session_waits_total 5",
+            "atrest_kms_pkcs11_pool_exhausted_total 2",
+            "atrest_kms_pkcs11_module_seconds_total 0.004",
+            "atrest_kms_pkcs11_module_cpu_seconds_total 0.003",
+            "atrest_kms_pkcs11_session_wait_seconds_total 1.5",
+            // The other families are still there.
+            "atrest_kms_healthy 0",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
     }
 }

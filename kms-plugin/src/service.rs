@@ -68,6 +68,9 @@ fn encrypt_status(e: &EncryptError) -> (Outcome, Status) {
         ),
         EncryptError::Cipher => (Outcome::Internal, Status::internal(e.to_string())),
         EncryptError::Unavailable(_) => (Outcome::Internal, Status::unavailable(e.to_string())),
+        EncryptError::Exhausted(_) => {
+            (Outcome::Internal, Status::resource_exhausted(e.to_string()))
+        }
     }
 }
 
@@ -81,11 +84,25 @@ fn decrypt_status(e: &DecryptError, key_id: &str) -> (Outcome, Status) {
             Outcome::Internal,
             Status::unavailable(format!("key_id {key_id:?}: {e}")),
         ),
+        DecryptError::Exhausted(_) => (
+            Outcome::Internal,
+            Status::resource_exhausted(format!("key_id {}: {e}", shown(key_id))),
+        ),
         _ => (
             Outcome::InvalidArgument,
             Status::invalid_argument(format!("key_id {}: {e}", shown(key_id))),
         ),
     }
+}
+
+/// Runs a token KEK's call (which blocks on the token) on tokio's blocking
+/// pool, so the async workers keep serving meanwhile. Cheaper per call than
+/// `block_in_place`, which hands the worker's whole scheduler to another
+/// thread on every call; the blocking threads take queued calls one after
+/// another without sleeping under load. `None` when the call panicked or
+/// the runtime is shutting down.
+async fn off_worker<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(call).await.ok()
 }
 
 #[tonic::async_trait]
@@ -113,13 +130,14 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
     ) -> Result<Response<EncryptResponse>, Status> {
         let started = Instant::now();
         let set = self.backend.current();
-        let plaintext = &request.get_ref().plaintext;
-        // A token KEK's call blocks on the token: hand this worker's other
-        // tasks to another thread meanwhile.
+        let plaintext = request.into_inner().plaintext;
         let result = if set.blocks() {
-            tokio::task::block_in_place(|| set.encrypt(plaintext))
+            let set = set.clone();
+            off_worker(move || set.encrypt(&plaintext))
+                .await
+                .unwrap_or(Err(EncryptError::Cipher))
         } else {
-            set.encrypt(plaintext)
+            set.encrypt(&plaintext)
         };
         match result {
             Ok(ciphertext) => {
@@ -154,7 +172,7 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
         let started = Instant::now();
-        let req = request.get_ref();
+        let req = request.into_inner();
         // This plugin writes no annotations, so a request carrying some was not
         // produced by us (or was altered in etcd).
         let result = if req.key_id.len() > MAX_KEY_ID_LEN {
@@ -177,12 +195,22 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
             ))
         } else {
             let set = self.backend.current();
-            let result = if set.blocks() {
-                tokio::task::block_in_place(|| set.decrypt(&req.key_id, &req.ciphertext))
+            if set.blocks() {
+                let DecryptRequest {
+                    key_id, ciphertext, ..
+                } = req;
+                let set = set.clone();
+                match off_worker(move || (set.decrypt(&key_id, &ciphertext), key_id)).await {
+                    Some((result, key_id)) => result.map_err(|e| decrypt_status(&e, &key_id)),
+                    None => Err((
+                        Outcome::Internal,
+                        Status::internal("decryption failed: the token call did not finish"),
+                    )),
+                }
             } else {
                 set.decrypt(&req.key_id, &req.ciphertext)
-            };
-            result.map_err(|e| decrypt_status(&e, &req.key_id))
+                    .map_err(|e| decrypt_status(&e, &req.key_id))
+            }
         };
         match result {
             Ok(plaintext) => {

@@ -439,12 +439,13 @@ async fn a_mixed_keyring_moves_from_a_local_kek_to_a_token_kek_without_losing_da
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn more_callers_than_sessions_all_finish_answered_or_unavailable() -> Result<()> {
+async fn more_callers_than_sessions_all_finish_answered_or_refused_as_exhausted() -> Result<()> {
     let hsm = SoftHsm::new("atrest")?;
     let dir = tempfile::tempdir()?;
     let keyring = hsm_keyring(&hsm, dir.path()).await?;
     let plugin = PluginProcess::start(
         plugin_options(&hsm, keyring.path())
+            .metrics()
             .arg("--pkcs11-max-sessions")
             .arg("2")
             .arg("--pkcs11-session-wait")
@@ -477,19 +478,226 @@ async fn more_callers_than_sessions_all_finish_answered_or_unavailable() -> Resu
                 answered += 1;
             }
             Ok(Err(status)) => {
-                ensure!(
-                    status.code() == Code::Unavailable
-                        && status.message().contains("sessions stayed busy"),
-                    "unexpected refusal {status:?}"
-                );
+                ensure_exhausted(&status)?;
                 busy += 1;
             }
         }
     }
     println!(
-        "64 concurrent Decrypts over 2 sessions: {answered} answered, {busy} unavailable (busy)"
+        "64 concurrent Decrypts over 2 sessions: {answered} answered, {busy} refused (pool exhausted)"
     );
     ensure!(answered > 0);
+    let metrics = plugin.metrics().await?;
+    let max = metrics.get("atrest_kms_pkcs11_sessions", &[("state", "max")]);
+    ensure!(max == Some(2.0), "sessions max {max:?}\n{}", metrics.text);
+    let peak = metrics.get("atrest_kms_pkcs11_sessions_peak", &[]);
+    ensure!(
+        peak.is_some_and(|p| (1.0..=2.0).contains(&p)),
+        "peak {peak:?}"
+    );
+    let exhausted = metrics.get("atrest_kms_pkcs11_pool_exhausted_total", &[]);
+    ensure!(
+        exhausted.is_some_and(|n| n >= f64::from(busy)),
+        "pool_exhausted_total {exhausted:?} < {busy} refusals"
+    );
+    Ok(())
+}
+
+/// A refusal for a busy pool: RESOURCE_EXHAUSTED, naming the pool and the
+/// flags that size it.
+fn ensure_exhausted(status: &tonic::Status) -> Result<()> {
+    ensure!(
+        status.code() == Code::ResourceExhausted
+            && status
+                .message()
+                .contains("session pool of token \"atrest\" exhausted")
+            && status.message().contains("--pkcs11-max-sessions"),
+        "unexpected refusal {status:?}"
+    );
+    Ok(())
+}
+
+/// Exclusive fcntl locks on a SoftHSM2 token's key object files. SoftHSM2
+/// takes a shared lock on a key's object file (blocking, `F_SETLKW`) each
+/// time a call uses the key, so while these are held every call that uses
+/// a key stays inside the module with its session: a token that stalls,
+/// as a network HSM does when its link hangs. Dropping releases them.
+#[derive(Debug)]
+struct StalledToken {
+    /// Held only to keep the locks (closing a file releases them).
+    _locks: Vec<std::fs::File>,
+}
+
+impl StalledToken {
+    fn stall(tokens: &std::path::Path) -> Result<StalledToken> {
+        use nix::fcntl::{FcntlArg, fcntl};
+        let mut held = Vec::new();
+        for token in std::fs::read_dir(tokens)? {
+            for entry in std::fs::read_dir(token?.path())? {
+                let path = entry?.path();
+                let is_key = path.extension().is_some_and(|e| e == "object")
+                    && path.file_stem().is_some_and(|s| s != "token");
+                if !is_key {
+                    continue;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)?;
+                // The whole file (start 0, length 0 = to the end).
+                let lock = nix::libc::flock {
+                    l_type: nix::libc::F_WRLCK as i16,
+                    l_whence: nix::libc::SEEK_SET as i16,
+                    l_start: 0,
+                    l_len: 0,
+                    l_pid: 0,
+                };
+                fcntl(&file, FcntlArg::F_SETLK(&lock))?;
+                held.push(file);
+            }
+        }
+        ensure!(
+            !held.is_empty(),
+            "no key object files under {}",
+            tokens.display()
+        );
+        Ok(StalledToken { _locks: held })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_session_busy_makes_calls_wait_the_bounded_time_then_fail_resource_exhausted()
+-> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let plugin = PluginProcess::start(
+        plugin_options(&hsm, keyring.path())
+            .metrics()
+            .arg("--pkcs11-max-sessions")
+            .arg("1")
+            .arg("--pkcs11-session-wait")
+            .arg("300ms")
+            .arg("--worker-threads")
+            .arg("2"),
+    )
+    .await?;
+    let client = plugin.client();
+    let made = encrypt(&client, &seed(7)).await?;
+    let before = plugin.metrics().await?;
+    ensure!(
+        before.get("atrest_kms_pkcs11_sessions", &[("state", "max")]) == Some(1.0),
+        "{}",
+        before.text
+    );
+    ensure!(before.get("atrest_kms_pkcs11_module_calls_total", &[]) >= Some(2.0));
+
+    // The one session goes into a call that the stalled token holds.
+    let stalled = StalledToken::stall(hsm.tokens())?;
+    let holder = {
+        let (client, made) = (client.clone(), made.clone());
+        tokio::spawn(async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                decrypt(&client, &made.ciphertext, &made.key_id),
+            )
+            .await
+        })
+    };
+    eventually(WAIT, "the one PKCS#11 session to be busy", || {
+        let plugin = &plugin;
+        async move {
+            let m = plugin.metrics().await?;
+            Ok(
+                (m.get("atrest_kms_pkcs11_sessions", &[("state", "busy")]) == Some(1.0))
+                    .then_some(()),
+            )
+        }
+    })
+    .await?;
+
+    // Every other call waits --pkcs11-session-wait, then is refused.
+    let mut calls = Vec::new();
+    for n in 0..8u64 {
+        let (client, made) = (client.clone(), made.clone());
+        calls.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                if n % 2 == 0 {
+                    decrypt(&client, &made.ciphertext, &made.key_id)
+                        .await
+                        .map(drop)
+                } else {
+                    encrypt(&client, &seed(n)).await.map(drop)
+                }
+            })
+            .await
+        }));
+    }
+    for call in calls {
+        match call.await? {
+            Err(_) => anyhow::bail!("a call never finished while the pool was busy: deadlock"),
+            Ok(Ok(())) => anyhow::bail!("a call was answered while the only session was held"),
+            Ok(Err(status)) => ensure_exhausted(&status)?,
+        }
+    }
+    let during = plugin.metrics().await?;
+    let exhausted = during
+        .get("atrest_kms_pkcs11_pool_exhausted_total", &[])
+        .unwrap_or(0.0);
+    ensure!(
+        exhausted >= 8.0,
+        "pool_exhausted_total {exhausted}\n{}",
+        during.text
+    );
+    ensure!(
+        during
+            .get("atrest_kms_pkcs11_session_waits_total", &[])
+            .is_some_and(|n| n >= 8.0),
+        "{}",
+        during.text
+    );
+    ensure!(
+        during
+            .get("atrest_kms_pkcs11_session_wait_seconds_total", &[])
+            .is_some_and(|s| s > 0.0),
+        "{}",
+        during.text
+    );
+
+    // The token answers again: the held call completes (or, if the
+    // background self-test held the session, it was refused like the rest),
+    // and the pool serves again.
+    drop(stalled);
+    match holder.await? {
+        Err(_) => anyhow::bail!("the call holding the session never finished"),
+        Ok(Ok(plaintext)) => ensure!(plaintext == seed(7)),
+        Ok(Err(status)) => ensure_exhausted(&status)?,
+    }
+    let again = encrypt(&client, &seed(8)).await?;
+    assert_eq!(
+        decrypt(&client, &again.ciphertext, &again.key_id).await?,
+        seed(8)
+    );
+    let after = plugin.metrics().await?;
+    ensure!(
+        after.get("atrest_kms_pkcs11_sessions", &[("state", "busy")]) == Some(0.0),
+        "{}",
+        after.text
+    );
+    ensure!(
+        after.get("atrest_kms_pkcs11_sessions", &[("state", "open")]) == Some(1.0),
+        "{}",
+        after.text
+    );
+    ensure!(
+        after
+            .get("atrest_kms_pkcs11_module_seconds_total", &[])
+            .is_some_and(|s| s > 0.0),
+        "{}",
+        after.text
+    );
+    assert!(!after.text.contains(USER_PIN));
+    assert!(!plugin.log().contains("panicked"), "{}", plugin.log());
     Ok(())
 }
 

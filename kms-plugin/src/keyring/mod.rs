@@ -205,9 +205,13 @@ impl KekSet for Keyring {
                     },
                 )
                 .map_err(|_| EncryptError::Cipher)?,
-            Cipher::Token(key) => key
-                .encrypt(&nonce.into(), &aad, plaintext)
-                .map_err(|e| EncryptError::Unavailable(e.to_string()))?,
+            Cipher::Token(key) => key.encrypt(&nonce.into(), &aad, plaintext).map_err(|e| {
+                if e.is_busy() {
+                    EncryptError::Exhausted(e.to_string())
+                } else {
+                    EncryptError::Unavailable(e.to_string())
+                }
+            })?,
         };
         let mut out = Vec::with_capacity(header.len() + nonce.len() + sealed.len());
         out.extend_from_slice(&header);
@@ -251,6 +255,7 @@ impl KekSet for Keyring {
                 match key.decrypt(&iv, &aad, env.sealed) {
                     Ok(Some(plaintext)) => Ok(plaintext),
                     Ok(None) => Err(DecryptError::Authentication),
+                    Err(e) if e.is_busy() => Err(DecryptError::Exhausted(e.to_string())),
                     Err(e) => Err(DecryptError::Unavailable(e.to_string())),
                 }
             }

@@ -49,6 +49,9 @@ pub const MODULE_ENV: &str = "ATREST_PKCS11_MODULE";
 const MAX_PIN_FILE: u64 = 4096;
 /// GCM tag length in bits (128).
 const TAG_BITS: usize = 128;
+/// One module call in this many has its CPU time measured (and counted this
+/// many times): an estimate, unbiased over many calls.
+pub const CPU_SAMPLE_EVERY: u64 = 16;
 
 /// The token user PIN. Zeroized on drop; `Debug` never shows it.
 pub struct Pin(Zeroizing<String>);
@@ -217,8 +220,12 @@ pub enum HsmError {
     #[error("{0}")]
     Gone(String),
     /// Every session stayed busy for the whole wait.
-    #[error("all {max} PKCS#11 sessions stayed busy for {wait:?}")]
+    #[error(
+        "PKCS#11 session pool of token {token:?} exhausted: all {max} sessions (--pkcs11-max-sessions) stayed busy for {wait:?} (--pkcs11-session-wait)"
+    )]
     Busy {
+        /// The token label.
+        token: String,
         /// The pool size.
         max: usize,
         /// How long the call waited.
@@ -231,6 +238,11 @@ impl HsmError {
     /// report it and reconnect), as opposed to a refused request.
     pub fn is_token_gone(&self) -> bool {
         matches!(self, HsmError::Call { gone: true, .. })
+    }
+
+    /// Whether every session of the pool stayed busy for the whole wait.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, HsmError::Busy { .. })
     }
 }
 
@@ -266,21 +278,65 @@ pub struct Token {
     freed: Condvar,
     max: usize,
     wait: Duration,
-    /// Crypto calls made inside the module, and the time they took there.
+    /// Crypto calls made inside the module, and the time they took there
+    /// (this thread's CPU time, and wall time).
     calls: AtomicU64,
     inside_nanos: AtomicU64,
+    inside_wall_nanos: AtomicU64,
+    /// Calls that found every session busy and waited, and how long.
+    waits: AtomicU64,
+    wait_nanos: AtomicU64,
+    /// Calls that waited the whole `--pkcs11-session-wait` and failed.
+    exhausted: AtomicU64,
 }
 
-/// What a token's crypto calls cost inside the module (for the benchmark's
-/// split of plugin CPU into module time and our own overhead).
+/// What a token's crypto calls cost inside the module (for `/metrics` and
+/// the benchmark's split of plugin CPU into module time and our own
+/// overhead), and its session pool's state. Cumulative since the start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenStats {
     /// Crypto calls (encrypt, decrypt, check value) made inside the module.
     pub calls: u64,
-    /// Total CPU time of the calling threads inside those module calls.
+    /// Total CPU time of the calling threads inside those module calls
+    /// (`C_EncryptInit`+`C_Encrypt`, `C_DecryptInit`+`C_Decrypt` only),
+    /// estimated: measured on one call in [`CPU_SAMPLE_EVERY`] and scaled.
     pub inside: Duration,
+    /// Total wall time inside those module calls.
+    pub inside_wall: Duration,
+    /// Sessions open for crypto calls now.
+    pub open_sessions: usize,
+    /// Of those, sessions in use by a call now.
+    pub busy_sessions: usize,
     /// Most sessions ever open at once for crypto calls.
     pub peak_sessions: usize,
+    /// The pool's bound (`--pkcs11-max-sessions`).
+    pub max_sessions: usize,
+    /// Calls that found every session busy and waited for one.
+    pub waits: u64,
+    /// Total time those calls waited.
+    pub waited: Duration,
+    /// Calls that waited the whole `--pkcs11-session-wait` in vain and
+    /// failed.
+    pub exhausted: u64,
+}
+
+impl TokenStats {
+    /// The sum of two tokens' statistics (peaks and bounds are summed too:
+    /// the process's total).
+    pub fn plus(self, o: TokenStats) -> TokenStats {
+        TokenStats {
+            calls: self.calls + o.calls,
+            inside: self.inside + o.inside,
+            inside_wall: self.inside_wall + o.inside_wall,
+            open_sessions: self.open_sessions + o.open_sessions,
+            busy_sessions: self.busy_sessions + o.busy_sessions,
+            peak_sessions: self.peak_sessions + o.peak_sessions,
+            max_sessions: self.max_sessions + o.max_sessions,
+            waits: self.waits + o.waits,
+            waited: self.waited + o.waited,
+            exhausted: self.exhausted + o.exhausted,
+        }
+    }
 }
 
 impl std::fmt::Debug for Token {
@@ -331,6 +387,10 @@ impl Token {
             wait: config.session_wait,
             calls: AtomicU64::new(0),
             inside_nanos: AtomicU64::new(0),
+            inside_wall_nanos: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            wait_nanos: AtomicU64::new(0),
+            exhausted: AtomicU64::new(0),
         })
     }
 
@@ -392,11 +452,49 @@ impl Token {
 
     /// The cost of the crypto calls so far.
     pub fn stats(&self) -> TokenStats {
+        let nanos = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        let (open, idle, peak) = {
+            let state = lock(&self.pool);
+            (state.open, state.idle.len(), state.peak)
+        };
         TokenStats {
             calls: self.calls.load(Ordering::Relaxed),
-            inside: Duration::from_nanos(self.inside_nanos.load(Ordering::Relaxed)),
-            peak_sessions: lock(&self.pool).peak,
+            inside: nanos(&self.inside_nanos),
+            inside_wall: nanos(&self.inside_wall_nanos),
+            open_sessions: open,
+            busy_sessions: open.saturating_sub(idle),
+            peak_sessions: peak,
+            max_sessions: self.max,
+            waits: self.waits.load(Ordering::Relaxed),
+            waited: nanos(&self.wait_nanos),
+            exhausted: self.exhausted.load(Ordering::Relaxed),
         }
+    }
+
+    /// Runs `call` (the module calls of one crypto operation, nothing else)
+    /// and adds its wall time, and on one call in [`CPU_SAMPLE_EVERY`] its
+    /// CPU time scaled up, to the token's account.
+    fn timed<T>(&self, call: impl FnOnce() -> T) -> T {
+        // CPU time of this thread inside the module (an in-process module
+        // like SoftHSM2 computes on the calling thread; a network HSM's
+        // client mostly waits, which the wall time shows). Reading a
+        // thread's CPU clock is a system call (~0.5 µs, twice per call):
+        // sampled, not paid on every call.
+        let sampled = self
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CPU_SAMPLE_EVERY);
+        let cpu = sampled.then(thread_cpu);
+        let wall = Instant::now();
+        let out = call();
+        let wall = saturating_nanos(wall.elapsed());
+        if let Some(cpu) = cpu {
+            let spent = thread_cpu().saturating_sub(cpu);
+            self.inside_nanos
+                .fetch_add(spent.saturating_mul(CPU_SAMPLE_EVERY), Ordering::Relaxed);
+        }
+        self.inside_wall_nanos.fetch_add(wall, Ordering::Relaxed);
+        out
     }
 
     /// Runs `f` on a pooled session: an idle one, a new one while fewer than
@@ -405,7 +503,9 @@ impl Token {
         &self,
         f: impl FnOnce(&Session) -> Result<T, CkError>,
     ) -> Result<T, HsmError> {
-        let deadline = Instant::now() + self.wait;
+        // Set when the call first finds every session busy (no clock read
+        // on the common path).
+        let mut waiting_since: Option<Instant> = None;
         let session = {
             let mut state = lock(&self.pool);
             loop {
@@ -427,8 +527,17 @@ impl Token {
                     }
                 }
                 let now = Instant::now();
+                let since = *waiting_since.get_or_insert(now);
+                // A wait past the clock's range is a day (never unbounded).
+                let deadline = since
+                    .checked_add(self.wait)
+                    .unwrap_or(since + Duration::from_secs(24 * 3600));
                 if now >= deadline {
+                    drop(state);
+                    self.waited(since);
+                    self.exhausted.fetch_add(1, Ordering::Relaxed);
                     return Err(HsmError::Busy {
+                        token: self.label.clone(),
                         max: self.max,
                         wait: self.wait,
                     });
@@ -439,14 +548,10 @@ impl Token {
                 };
             }
         };
-        // CPU time of this thread inside the module (an in-process module
-        // like SoftHSM2 computes on the calling thread; a network HSM's
-        // client mostly waits, which this does not count).
-        let started = thread_cpu();
+        if let Some(since) = waiting_since {
+            self.waited(since);
+        }
         let result = f(&session).map_err(|e| call_error(&self.label, e));
-        let nanos = thread_cpu().saturating_sub(started);
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.inside_nanos.fetch_add(nanos, Ordering::Relaxed);
         let mut state = lock(&self.pool);
         if matches!(&result, Err(e) if e.is_token_gone()) {
             // A session of a vanished token is useless; close it (drop).
@@ -459,6 +564,13 @@ impl Token {
         }
         self.freed.notify_one();
         result
+    }
+
+    /// Counts one call that waited for a session since `since`.
+    fn waited(&self, since: Instant) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.wait_nanos
+            .fetch_add(saturating_nanos(since.elapsed()), Ordering::Relaxed);
     }
 
     /// Generates a non-extractable, sensitive AES-256 token object labelled
@@ -591,8 +703,9 @@ impl Token {
     pub fn check_value(&self, key: ObjectHandle) -> Result<[u8; CHECK_LEN], HsmError> {
         let tag = self.with_session(|s| {
             let mut iv = CHECK_IV;
-            let params = GcmParams::new(&mut iv, CHECK_AAD, TAG_BITS.try_into()?)?;
-            s.encrypt(&Mechanism::AesGcm(params), key, &[])
+            let mechanism =
+                Mechanism::AesGcm(GcmParams::new(&mut iv, CHECK_AAD, TAG_BITS.try_into()?)?);
+            self.timed(|| s.encrypt(&mechanism, key, &[]))
         })?;
         tag.as_slice().try_into().map_err(|_| HsmError::Call {
             token: self.label.clone(),
@@ -612,8 +725,8 @@ impl Token {
     ) -> Result<Vec<u8>, HsmError> {
         self.with_session(|s| {
             let mut iv = *iv;
-            let params = GcmParams::new(&mut iv, aad, TAG_BITS.try_into()?)?;
-            s.encrypt(&Mechanism::AesGcm(params), key, plaintext)
+            let mechanism = Mechanism::AesGcm(GcmParams::new(&mut iv, aad, TAG_BITS.try_into()?)?);
+            self.timed(|| s.encrypt(&mechanism, key, plaintext))
         })
     }
 
@@ -628,8 +741,8 @@ impl Token {
     ) -> Result<Option<Zeroizing<Vec<u8>>>, HsmError> {
         self.with_session(|s| {
             let mut iv = *iv;
-            let params = GcmParams::new(&mut iv, aad, TAG_BITS.try_into()?)?;
-            match s.decrypt(&Mechanism::AesGcm(params), key, sealed) {
+            let mechanism = Mechanism::AesGcm(GcmParams::new(&mut iv, aad, TAG_BITS.try_into()?)?);
+            match self.timed(|| s.decrypt(&mechanism, key, sealed)) {
                 Ok(p) => Ok(Some(Zeroizing::new(p))),
                 // SoftHSM2 reports a failed GCM tag check as
                 // CKR_GENERAL_ERROR (others as CKR_ENCRYPTED_DATA_INVALID):
@@ -701,6 +814,10 @@ fn thread_cpu() -> u64 {
                 .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
         })
         .unwrap_or(0)
+}
+
+fn saturating_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

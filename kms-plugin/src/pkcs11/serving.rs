@@ -207,6 +207,15 @@ impl Hsm {
         Ok(token)
     }
 
+    /// Every token's statistics summed (what `/metrics` shows).
+    pub fn stats(&self) -> super::TokenStats {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens
+            .values()
+            .map(|t| t.stats())
+            .fold(super::TokenStats::default(), super::TokenStats::plus)
+    }
+
     /// Logs what every token's crypto calls cost inside the module (at the
     /// end of `serve`): calls, time inside the module per call, peak sessions.
     pub fn log_stats(&self) {
@@ -218,11 +227,19 @@ impl Hsm {
             } else {
                 s.inside.as_secs_f64() * 1e6 / s.calls as f64
             };
+            let wall_us = if s.calls == 0 {
+                0.0
+            } else {
+                s.inside_wall.as_secs_f64() * 1e6 / s.calls as f64
+            };
             tracing::info!(
                 token = %label,
                 calls = s.calls,
                 module_cpu_us_per_call = format!("{per_call_us:.1}"),
+                module_wall_us_per_call = format!("{wall_us:.1}"),
                 peak_sessions = s.peak_sessions,
+                session_waits = s.waits,
+                pool_exhausted = s.exhausted,
                 "PKCS#11 usage"
             );
         }
