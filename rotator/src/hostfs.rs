@@ -66,12 +66,11 @@
 //!   needs it);
 //! - `keyring add` (a decrypt-only KEK nobody uses) and `retire` (gated like
 //!   a removal): yes;
-//! - `keyring promote`: **no**. A host still holding the add stage's keyring
-//!   cannot decrypt values its peers now write under the promoted key_id (a
-//!   plugin knows a KEK's key_ids only once its own copy promoted it) until
-//!   `resume` copies the keyring there: resume as soon as the host is back.
-//!   (Closing this needs a plugin that accepts the next key_id of a
-//!   decrypt-only KEK; the pre-flight read keeps the window to the copy loop.)
+//! - `keyring promote`: yes. A plugin serving the add stage's keyring copy
+//!   already answers to the key_id its decrypt-only KEK gets at the next
+//!   promotion (every copy of one file derives the same one), so it decrypts
+//!   what its promoted peers write while the copy is on its way; `resume`
+//!   then copies the promoted keyring there.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
