@@ -36,8 +36,8 @@
 //!   h2 then validates every field as it always does (names, values,
 //!   pseudo-headers, MAX_HEADER_LIST_SIZE, …).
 //! - The re-encoded block is split into HEADERS + CONTINUATION frames of at
-//!   most 16,384 bytes, the smallest SETTINGS_MAX_FRAME_SIZE a server may
-//!   have, so it is always acceptable.
+//!   most [`MAX_FRAME`] bytes (16,384: h2's default SETTINGS_MAX_FRAME_SIZE
+//!   and the smallest a server may have), so it is always acceptable.
 //! - "Never indexed" fields become "without indexing": the only reader is the
 //!   in-process h2 decoder, which does not distinguish them (h2 0.4 keeps no
 //!   such mark on decoded fields).
@@ -45,7 +45,8 @@
 //! # Limits
 //!
 //! A connection is closed, with a WARN log line naming the reason (never a
-//! header value), when a header block is larger than [`MAX_BLOCK`] bytes,
+//! header value), when one of its frames is larger than [`MAX_FRAME`] (as h2
+//! would), a header block is larger than [`MAX_BLOCK`] bytes,
 //! spans more than [`MAX_BLOCK_FRAMES`] frames (a CONTINUATION flood),
 //! decodes to more than [`MAX_DECODED`] bytes, is not valid HPACK, has
 //! padding longer than its frame, or is interrupted by another frame. All of
@@ -69,8 +70,10 @@ pub const MAX_BLOCK_FRAMES: usize = 32;
 pub const MAX_DECODED: usize = 64 * 1024;
 /// The server's HPACK dynamic table size: h2's default, never changed by serve.
 const HEADER_TABLE_SIZE: usize = 4096;
-/// Payload bytes per frame the shim emits: the minimum SETTINGS_MAX_FRAME_SIZE.
-const OUT_FRAME: usize = 16_384;
+/// The server's SETTINGS_MAX_FRAME_SIZE: h2's default (16,384, the protocol's
+/// minimum), never changed by serve. The largest frame a client may send and
+/// the most payload per frame the shim emits.
+pub const MAX_FRAME: usize = 16_384;
 /// The client connection preface (RFC 9113 §3.4).
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER: usize = 9;
@@ -89,6 +92,10 @@ const PRIORITY: u8 = 0x20;
 /// Why the shim closed a connection.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum Refusal {
+    /// A HEADERS or CONTINUATION frame larger than the server's
+    /// SETTINGS_MAX_FRAME_SIZE (h2 refuses such a frame too).
+    #[error("header frame larger than {MAX_FRAME} bytes")]
+    FrameTooLarge,
     /// The header block is larger than [`MAX_BLOCK`].
     #[error("header block larger than {MAX_BLOCK} bytes")]
     BlockTooLarge,
@@ -262,6 +269,9 @@ impl Shim {
         let flags = head[4];
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
 
+        if (kind == HEADERS || kind == CONTINUATION) && len > MAX_FRAME {
+            return Err(Refusal::FrameTooLarge);
+        }
         if let Some(block) = &self.block {
             if kind != CONTINUATION || stream != block.stream {
                 return Err(Refusal::Interrupted {
@@ -276,11 +286,7 @@ impl Shim {
             if block.frames >= MAX_BLOCK_FRAMES {
                 return Err(Refusal::TooManyFrames);
             }
-        } else if kind == HEADERS {
-            if len > MAX_BLOCK {
-                return Err(Refusal::BlockTooLarge);
-            }
-        } else {
+        } else if kind != HEADERS {
             // Anything else, including a CONTINUATION without a HEADERS
             // (h2 refuses it), goes on unchanged.
             self.pass = FRAME_HEADER + len;
@@ -373,7 +379,7 @@ impl Shim {
             Some(p) => p,
             None => &[],
         };
-        let first_len = encoded.len().min(OUT_FRAME - priority.len());
+        let first_len = encoded.len().min(MAX_FRAME - priority.len());
         let (first, mut rest) = encoded.split_at(first_len);
         let mut flags = 0;
         if block.end_stream {
@@ -397,7 +403,7 @@ impl Shim {
         self.output.extend_from_slice(priority);
         self.output.extend_from_slice(first);
         while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(rest.len().min(OUT_FRAME));
+            let (chunk, tail) = rest.split_at(rest.len().min(MAX_FRAME));
             let flags = if tail.is_empty() { END_HEADERS } else { 0 };
             put_frame_header(
                 &mut self.output,
@@ -413,7 +419,7 @@ impl Shim {
 }
 
 fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
-    // `len` is at most OUT_FRAME (16,384): it fits the 24-bit length field.
+    // `len` is at most MAX_FRAME (16,384): it fits the 24-bit length field.
     let len = len.to_be_bytes();
     let n = len.len();
     out.extend_from_slice(&[len[n - 3], len[n - 2], len[n - 1], kind, flags]);
@@ -664,7 +670,7 @@ mod tests {
         input.extend(frame(CONTINUATION, END_HEADERS, 1, b));
         let f = frames(&run(&mut Shim::new(), &input, 4096).unwrap());
         assert_eq!(f.len(), 2);
-        assert!(f.iter().all(|f| f.3.len() <= OUT_FRAME));
+        assert!(f.iter().all(|f| f.3.len() <= MAX_FRAME));
         assert_eq!(
             (f[0].0, f[0].1, f[1].0, f[1].1),
             (HEADERS, 0, CONTINUATION, END_HEADERS)
@@ -698,10 +704,10 @@ mod tests {
         ));
         // Oversized block in one frame, and spread over continuations.
         let mut input = start();
-        input.extend(frame(HEADERS, END_HEADERS, 1, &vec![0; MAX_BLOCK + 1]));
+        input.extend(frame(HEADERS, END_HEADERS, 1, &vec![0; MAX_FRAME + 1]));
         assert_eq!(
             run(&mut Shim::new(), &input, 1 << 20),
-            Err(Refusal::BlockTooLarge)
+            Err(Refusal::FrameTooLarge)
         );
         let mut input = start();
         input.extend(frame(HEADERS, 0, 1, &[0x82]));
