@@ -21,7 +21,7 @@
 //!   one buffer and copied once into h2's read buffer (what a `BufReader`
 //!   would do).
 //! - A header block (HEADERS + its CONTINUATION frames) is collected and
-//!   decoded with an HPACK decoder ([`loona_hpack`]) that tracks the client's
+//!   decoded with an HPACK decoder ([`hpack`]) that tracks the client's
 //!   dynamic table (4096 bytes at most: h2's default
 //!   SETTINGS_HEADER_TABLE_SIZE, which this server never changes). Every
 //!   field is re-encoded as a *literal without indexing* with a literal name,
@@ -61,6 +61,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::ReadBuf;
 use tokio::net::UnixStream;
 use tonic::codegen::http;
+
+mod hpack;
 
 /// Largest header block (HEADERS + CONTINUATION payloads, as received).
 pub const MAX_BLOCK: usize = 64 * 1024;
@@ -107,7 +109,7 @@ pub enum Refusal {
     DecodedTooLarge,
     /// The HPACK decoder refused the block.
     #[error("header block is not valid HPACK: {0}")]
-    Hpack(loona_hpack::decoder::DecoderError),
+    Hpack(hpack::HpackError),
     /// Pad length or priority fields longer than the HEADERS frame.
     #[error("HEADERS frame on stream {0} shorter than its padding and priority fields")]
     BadPadding(u32),
@@ -145,7 +147,7 @@ pub struct Shim {
     /// Bytes at the front of `input` to hand on untouched.
     pass: usize,
     block: Option<OpenBlock>,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: hpack::Decoder,
     eof: bool,
     failed: bool,
 }
@@ -172,8 +174,7 @@ impl Default for Shim {
 impl Shim {
     /// A shim for a new connection (expecting the client preface).
     pub fn new() -> Self {
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+        let decoder = hpack::Decoder::new(HEADER_TABLE_SIZE);
         Shim {
             input: BytesMut::new(),
             output: BytesMut::new(),
@@ -349,21 +350,20 @@ impl Shim {
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
         let mut decoded = 0usize;
         self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
+            .decode(&block.fragment, |name, value| {
                 decoded = decoded.saturating_add(name.len() + value.len() + 32);
                 if decoded > MAX_DECODED {
                     // Keep decoding (the table must stay in step) but stop
                     // growing; the block is refused below.
                     return;
                 }
-                let value: &[u8] = if &*name == b":authority"
-                    && http::uri::Authority::try_from(&*value).is_err()
-                {
-                    REPLACEMENT
-                } else {
-                    &value
-                };
-                encode_literal(&mut encoded, &name, value);
+                let value =
+                    if name == b":authority" && http::uri::Authority::try_from(value).is_err() {
+                        REPLACEMENT
+                    } else {
+                        value
+                    };
+                encode_literal(&mut encoded, name, value);
             })
             .map_err(Refusal::Hpack)?;
         if decoded > MAX_DECODED {
@@ -427,7 +427,7 @@ fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream:
 }
 
 /// HPACK integer (RFC 7541 §5.1) with an `n`-bit prefix under `high` bits.
-fn encode_int(out: &mut Vec<u8>, high: u8, n: u32, value: usize) {
+pub(crate) fn encode_int(out: &mut Vec<u8>, high: u8, n: u32, value: usize) {
     let max = (1usize << n) - 1;
     if value < max {
         // value < max < 256: fits.
