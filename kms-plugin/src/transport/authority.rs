@@ -327,94 +327,101 @@ impl Shim {
                             .ok_or(Refusal::BadPadding(stream))?,
                     )
                     .ok_or(Refusal::BadPadding(stream))?;
-                OpenBlock {
+                let block = OpenBlock {
                     stream,
                     end_stream: flags & END_STREAM != 0,
                     priority,
-                    fragment: fragment.to_vec(),
+                    fragment: Vec::new(),
                     frames: 1,
+                };
+                if flags & END_HEADERS != 0 {
+                    // The usual case, a block in one frame: no copy of it.
+                    finish(&mut self.decoder, &mut self.output, &block, fragment)?;
+                    self.input.advance(FRAME_HEADER + len);
+                    return Ok(true);
+                }
+                OpenBlock {
+                    fragment: fragment.to_vec(),
+                    ..block
                 }
             }
         };
         self.input.advance(FRAME_HEADER + len);
         if flags & END_HEADERS != 0 {
-            self.finish(block)?;
+            finish(&mut self.decoder, &mut self.output, &block, &block.fragment)?;
         } else {
             self.block = Some(block);
         }
         Ok(true)
     }
+}
 
-    /// Decodes a complete header block and queues it re-encoded.
-    fn finish(&mut self, block: OpenBlock) -> Result<(), Refusal> {
-        let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
-        let mut decoded = 0usize;
-        self.decoder
-            .decode(&block.fragment, |name, value| {
-                decoded = decoded.saturating_add(name.len() + value.len() + 32);
-                if decoded > MAX_DECODED {
-                    // Keep decoding (the table must stay in step) but stop
-                    // growing; the block is refused below.
-                    return;
-                }
-                let value =
-                    if name == b":authority" && http::uri::Authority::try_from(value).is_err() {
-                        REPLACEMENT
-                    } else {
-                        value
-                    };
-                encode_literal(&mut encoded, name, value);
-            })
-            .map_err(Refusal::Hpack)?;
-        if decoded > MAX_DECODED {
-            return Err(Refusal::DecodedTooLarge);
-        }
-        self.queue_frames(&block, &encoded);
-        Ok(())
+/// Decodes a complete header block and queues it re-encoded.
+fn finish(
+    decoder: &mut hpack::Decoder,
+    output: &mut BytesMut,
+    block: &OpenBlock,
+    fragment: &[u8],
+) -> Result<(), Refusal> {
+    let mut encoded = Vec::with_capacity(fragment.len() + 64);
+    let mut decoded = 0usize;
+    decoder
+        .decode(fragment, |name, value| {
+            decoded = decoded.saturating_add(name.len() + value.len() + 32);
+            if decoded > MAX_DECODED {
+                // Keep decoding (the table must stay in step) but stop
+                // growing; the block is refused below.
+                return;
+            }
+            let value = if name == b":authority" && http::uri::Authority::try_from(value).is_err() {
+                REPLACEMENT
+            } else {
+                value
+            };
+            encode_literal(&mut encoded, name, value);
+        })
+        .map_err(Refusal::Hpack)?;
+    if decoded > MAX_DECODED {
+        return Err(Refusal::DecodedTooLarge);
     }
+    queue_frames(output, block, &encoded);
+    Ok(())
+}
 
-    /// Queues `encoded` as HEADERS + CONTINUATION frames for `block`'s stream.
-    fn queue_frames(&mut self, block: &OpenBlock, encoded: &[u8]) {
-        let priority: &[u8] = match &block.priority {
-            Some(p) => p,
-            None => &[],
-        };
-        let first_len = encoded.len().min(MAX_FRAME - priority.len());
-        let (first, mut rest) = encoded.split_at(first_len);
-        let mut flags = 0;
-        if block.end_stream {
-            flags |= END_STREAM;
-        }
-        if block.priority.is_some() {
-            flags |= PRIORITY;
-        }
-        if rest.is_empty() {
-            flags |= END_HEADERS;
-        }
-        self.output
-            .reserve(encoded.len() + priority.len() + FRAME_HEADER * 2);
-        put_frame_header(
-            &mut self.output,
-            priority.len() + first.len(),
-            HEADERS,
-            flags,
-            block.stream,
-        );
-        self.output.extend_from_slice(priority);
-        self.output.extend_from_slice(first);
-        while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(rest.len().min(MAX_FRAME));
-            let flags = if tail.is_empty() { END_HEADERS } else { 0 };
-            put_frame_header(
-                &mut self.output,
-                chunk.len(),
-                CONTINUATION,
-                flags,
-                block.stream,
-            );
-            self.output.extend_from_slice(chunk);
-            rest = tail;
-        }
+/// Queues `encoded` as HEADERS + CONTINUATION frames for `block`'s stream.
+fn queue_frames(output: &mut BytesMut, block: &OpenBlock, encoded: &[u8]) {
+    let priority: &[u8] = match &block.priority {
+        Some(p) => p,
+        None => &[],
+    };
+    let first_len = encoded.len().min(MAX_FRAME - priority.len());
+    let (first, mut rest) = encoded.split_at(first_len);
+    let mut flags = 0;
+    if block.end_stream {
+        flags |= END_STREAM;
+    }
+    if block.priority.is_some() {
+        flags |= PRIORITY;
+    }
+    if rest.is_empty() {
+        flags |= END_HEADERS;
+    }
+    output.reserve(encoded.len() + priority.len() + FRAME_HEADER * 2);
+    put_frame_header(
+        output,
+        priority.len() + first.len(),
+        HEADERS,
+        flags,
+        block.stream,
+    );
+    output.extend_from_slice(priority);
+    output.extend_from_slice(first);
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(rest.len().min(MAX_FRAME));
+        let flags = if tail.is_empty() { END_HEADERS } else { 0 };
+        put_frame_header(output, chunk.len(), CONTINUATION, flags, block.stream);
+        output.extend_from_slice(chunk);
+        rest = tail;
     }
 }
 

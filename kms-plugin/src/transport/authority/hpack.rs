@@ -192,10 +192,10 @@ impl Decoder {
         prefix: u32,
     ) -> Result<(Text<'b>, Text<'b>), HpackError> {
         let index = integer(block, pos, prefix)?;
-        let name = if index == 0 {
-            string(block, pos)?
-        } else {
-            Cow::Owned(self.get(index)?.0.to_vec())
+        let name = match index {
+            0 => string(block, pos)?,
+            1..=61 => Cow::Borrowed(STATIC[index - 1].0),
+            _ => Cow::Owned(self.get(index)?.0.to_vec()),
         };
         let value = string(block, pos)?;
         Ok((name, value))
