@@ -194,13 +194,20 @@ impl Shim {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Hand on as much as is ready (several frames at once, as a plain
+        // read would), and read the socket only when nothing is.
+        let mut handed = false;
         loop {
             if self.failed || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
             match self.produce(buf.remaining(), |bytes| buf.put_slice(bytes)) {
+                Ok(0) if handed => return Poll::Ready(Ok(())),
                 Ok(0) => {}
-                Ok(_) => return Poll::Ready(Ok(())),
+                Ok(_) => {
+                    handed = true;
+                    continue;
+                }
                 Err(refusal) => {
                     self.failed = true;
                     tracing::warn!(reason = %refusal, "closing a connection: refused its HTTP/2 header block");
