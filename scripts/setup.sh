@@ -32,3 +32,18 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest
 fi
+
+# `--tests` (scripts/test.sh): also grpc-python for the :authority test
+# (tests/tests/kms_plugin_authority.rs). Since 1.57 it sends the
+# percent-encoded socket path as :authority, which is what the test needs
+# (Debian 12's python3-grpcio 1.51 sends "localhost"). A venv of its own, so
+# the system's Python is left alone; ATREST_GRPC_VENV overrides where.
+if [ "${1:-}" = "--tests" ]; then
+  grpc_venv="${ATREST_GRPC_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/atrest/grpc-venv}"
+  grpcio_version="1.85.4"
+  if ! "$grpc_venv/bin/python" -c "import grpc, sys; sys.exit(grpc.__version__ != '$grpcio_version')" >/dev/null 2>&1; then
+    echo "setup: installing grpcio $grpcio_version in $grpc_venv" >&2
+    python3 -m venv "$grpc_venv"
+    "$grpc_venv/bin/python" -m pip install -q --disable-pip-version-check "grpcio==$grpcio_version"
+  fi
+fi

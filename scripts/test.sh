@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 # End-to-end tests run the workspace binaries as child processes: build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --doc --locked

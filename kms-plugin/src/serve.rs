@@ -158,6 +158,8 @@ pub async fn serve(
         KeyManagementServiceServer::new(KmsService::new(backend, health, metrics.clone()))
             .max_decoding_message_size(limits.max_message)
             .max_encoding_message_size(limits.max_message);
+    // SETTINGS_MAX_FRAME_SIZE and SETTINGS_HEADER_TABLE_SIZE stay h2's
+    // defaults: transport::authority's shim relies on both.
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_header_list_size(limits.max_header_list)

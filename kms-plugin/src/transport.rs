@@ -7,7 +7,8 @@
 //! - [`Incoming`]: the accept loop. When the process is out of file
 //!   descriptors (EMFILE/ENFILE) it backs off and logs instead of spinning.
 //! - [`Conn`]: one accepted connection; closed after [`Limits::idle_timeout`]
-//!   without a call in flight.
+//!   without a call in flight. What the client sends goes through
+//!   [`authority::Shim`], which lets any `:authority` through to h2.
 //! - [`CallTracker`]: a layer counting calls in flight (from the request
 //!   headers on, so a call whose body has not arrived counts too), which lets
 //!   shutdown stop at once when only idle connections are left.
@@ -28,6 +29,8 @@ use tonic::codegen::http;
 use tonic::transport::server::Connected;
 
 use crate::metrics::Metrics;
+
+pub mod authority;
 
 /// The transport's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +129,7 @@ impl ConnActivity {
 #[derive(Debug)]
 pub struct Conn {
     stream: UnixStream,
+    shim: authority::Shim,
     activity: Arc<ConnActivity>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
@@ -144,6 +148,7 @@ impl Conn {
         metrics.set_connections(open);
         Conn {
             stream,
+            shim: authority::Shim::new(),
             activity: Arc::new(ConnActivity::new()),
             tracker,
             metrics,
@@ -193,7 +198,8 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+        let this = &mut *self;
+        match this.shim.poll_read(&this.stream, cx, buf) {
             Poll::Pending => {
                 if self.idle_expired(cx) {
                     tracing::debug!("closing a connection idle for the idle timeout");

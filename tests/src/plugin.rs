@@ -6,12 +6,14 @@
 //! - [`connect`] dials the plugin's gRPC service over the unix socket.
 //! - [`Keyring`] runs the `kms-plugin keyring …` commands; [`cli`] runs any command.
 //! - [`http_get`] and [`Metrics`] read the plugin's `/metrics`, `/healthz`, `/readyz`.
+//! - [`frames`]: raw HTTP/2 frames and HPACK for hostile or unusual clients.
 //!
 //! Everything waits with a bound ([`eventually`]) and fails with a message that
 //! says what was awaited; nothing asserts on latency.
 
 mod cli;
 mod client;
+pub mod frames;
 mod http;
 mod process;
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use atrest_proto::kms::v2::{DecryptRequest, StatusRequest};
+use atrest_tests::plugin::frames::{PREFACE, frame, grpc_call};
 use atrest_tests::plugin::{
     PluginOptions, PluginProcess, SocketEndpoint, WAIT, connect, eventually, http_get,
     write_atomically,
@@ -282,61 +283,6 @@ async fn a_refused_keyring_file_is_visible_until_fixed() -> Result<()> {
 }
 
 // ---------------------------------------------------------------- item 5
-
-/// HPACK integer with an `n`-bit prefix whose high bits are `first`.
-fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, value: usize) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    let mut rest = value - max;
-    while rest >= 128 {
-        out.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    out.push(rest as u8);
-}
-
-fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
-    hpack_int(out, 0, 7, s.len());
-    out.extend_from_slice(s);
-}
-
-fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-    let len = payload.len();
-    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-}
-
-/// One unary gRPC call as raw HTTP/2 frames, written without HPACK state
-/// (every field a literal without indexing) and with any `:authority`.
-fn grpc_call(stream: u32, authority: &[u8], path: &str, message: &[u8]) -> Vec<u8> {
-    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
-    hpack_int(&mut block, 0, 4, 4); // :path, literal value
-    hpack_str(&mut block, path.as_bytes());
-    hpack_int(&mut block, 0, 4, 1); // :authority, literal value
-    hpack_str(&mut block, authority);
-    for (name, value) in [
-        (&b"content-type"[..], &b"application/grpc"[..]),
-        (b"te", b"trailers"),
-    ] {
-        block.push(0);
-        hpack_str(&mut block, name);
-        hpack_str(&mut block, value);
-    }
-    let mut body = vec![0];
-    body.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    body.extend_from_slice(message);
-    let mut out = Vec::new();
-    frame(&mut out, 0x1, 0x4, stream, &block); // HEADERS, END_HEADERS
-    frame(&mut out, 0x0, 0x1, stream, &body); // DATA, END_STREAM
-    out
-}
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Clients that open many streams and never read a byte of the answers:
 /// the plugin's memory stays bounded, and other callers are served.
