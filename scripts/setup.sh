@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing atrest needs on Debian 12, when missing:
 # etcd (server + etcdctl) for the tests, protoc for the gRPC/etcd builds,
-# SoftHSM2, OpenSSH (sshd + ssh), cargo-nextest as the test runner.
+# SoftHSM2, OpenSSH (sshd + ssh), cargo-nextest as the test runner; with
+# --tests also a Python venv holding grpcio (a non-Go gRPC client for a test).
 # Safe to run again: it skips what is there.
 set -euo pipefail
 
@@ -15,6 +16,11 @@ command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 # OpenSSH server and client for the rotator's hosts-over-SSH tests (each test starts its own sshd).
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
+# `--tests`: Python's venv for the grpc-python client of the :authority test (below).
+if [ "${1:-}" = "--tests" ]; then
+  command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   sudo_cmd=""
