@@ -421,7 +421,8 @@ pub async fn apply(
 /// returns what was overridden (empty when nothing was).
 async fn preflight(targets: &Targets, settings: &ApplySettings) -> Result<Vec<String>, ApplyError> {
     say("checking every host and auditing etcd before a new run");
-    let found = crate::check::preflight(&settings.hosts, targets, settings.accept_unreported).await?;
+    let found =
+        crate::check::preflight(&settings.hosts, targets, settings.accept_unreported).await?;
     if found.passed() {
         return Ok(Vec::new());
     }
@@ -1030,7 +1031,8 @@ async fn rewrite_all(
     // A person's edit is seen within a second or a poll interval, whichever is
     // longer: the watch must not compete with the rewrite for the apiservers.
     let watch_every = settings.proof.poll.max(Duration::from_secs(1));
-    let watch = crate::check::watch_during_rewrite(&settings.hosts, targets, apis, &expected, watch_every);
+    let watch =
+        crate::check::watch_during_rewrite(&settings.hosts, targets, apis, &expected, watch_every);
     let result = tokio::select! {
         r = rewrite::run(api, &found, &mut checkpoint, settings.rewrite, &mut save) => Ok(r),
         changed = watch => Err(changed),
