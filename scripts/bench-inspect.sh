@@ -26,8 +26,8 @@ keys="${BENCH_INSPECT_KEYS:-100000,200000,1000000}"
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then keys="$1"; shift; fi
 
 [ -x /usr/bin/etcd ] || { echo "install etcd-server (/usr/bin/etcd missing)" >&2; exit 2; }
-cargo build --release -p etcd-inspect --bin etcd-inspect
-cargo build --release -p atrest-bench --bin etcd-inspect-bench
+# One invocation: both binaries share one feature-unified dependency build.
+cargo build --release -p etcd-inspect --bin etcd-inspect -p atrest-bench --bin etcd-inspect-bench
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 dir="$(mktemp -d /tmp/atrest-bench-etcd.XXXXXX)"
