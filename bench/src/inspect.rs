@@ -17,7 +17,15 @@
 //! and peak RSS. With `--etcd-pid`, etcd's CPU time during the run is read
 //! from `/proc/PID/stat` too (the server side of the scan).
 //!
-//! It prints a table; it asserts nothing about time.
+//! Then, unless `--no-snapshot`, the same data as an `etcdctl snapshot save`
+//! file: `etcd-inspect snapshot FILE` (offline, no etcd) against the live
+//! audit above and against what a user would do without it: `etcdctl
+//! snapshot restore` into a data dir, start an etcd on it, wait until it
+//! answers, and run the live audit. That path's wall time is all three; its
+//! CPU is the restore's, the restored etcd's (from its start) and
+//! etcd-inspect's; the restored etcd's peak RSS is its `VmHWM`.
+//!
+//! It prints tables; it asserts nothing about time.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -82,10 +90,15 @@ pub struct Flags {
     runs: u32,
     etcd_pid: Option<u32>,
     variants: Vec<Vec<String>>,
+    etcd: String,
+    snapshot: bool,
+    etcdctl_get: bool,
+    keep_snapshots: Option<PathBuf>,
 }
 
 const USAGE: &str = "flags: --endpoints URL --keys N,N,... --etcd-inspect PATH --etcdctl PATH \
-     --runs N --etcd-pid PID --variant 'EXTRA ETCD-INSPECT ARGS' (repeatable)";
+     --etcd PATH --runs N --etcd-pid PID --variant 'EXTRA ETCD-INSPECT ARGS' (repeatable) \
+     --no-snapshot --no-etcdctl --keep-snapshots DIR";
 
 impl Flags {
     /// Parses the flags (see the module docs).
@@ -102,6 +115,10 @@ impl Flags {
             runs: 2,
             etcd_pid: None,
             variants: Vec::new(),
+            etcd: "etcd".into(),
+            snapshot: true,
+            etcdctl_get: true,
+            keep_snapshots: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -126,6 +143,10 @@ impl Flags {
                 "--variant" => f
                     .variants
                     .push(val()?.split_whitespace().map(String::from).collect()),
+                "--etcd" => f.etcd = val()?,
+                "--no-snapshot" => f.snapshot = false,
+                "--no-etcdctl" => f.etcdctl_get = false,
+                "--keep-snapshots" => f.keep_snapshots = Some(val()?.into()),
                 other => bail!("unknown flag {other} ({USAGE})"),
             }
         }
@@ -366,7 +387,190 @@ async fn count_keys(client: &Client) -> Result<i64> {
     Ok(resp.count())
 }
 
-/// Seeds each size in turn and prints the comparison table.
+/// The etcd-inspect command line of an audit of `source` (the endpoint
+/// flags, or `snapshot FILE`).
+fn inspect_cmd(f: &Flags, source: &[String], config: &std::path::Path) -> Vec<String> {
+    let mut cmd = vec![f.etcd_inspect.display().to_string()];
+    cmd.extend(source.iter().cloned());
+    cmd.extend([
+        "--config".into(),
+        config.display().to_string(),
+        "--kms-key-id".into(),
+        format!("bench-plugin={KMS_KEY_ID}"),
+        "--output".into(),
+        "json".into(),
+        "--fail-on".into(),
+        "none".into(),
+    ]);
+    cmd
+}
+
+/// One size's offline figures.
+#[derive(Debug, Clone, Copy)]
+struct Offline {
+    keys: i64,
+    /// `etcd-inspect snapshot FILE`.
+    file: Measured,
+    /// The live audit of the same data (from the main table).
+    live: Measured,
+    /// `etcdctl snapshot restore` + etcd start + live audit.
+    restore: RestoreLive,
+}
+
+/// What restoring a snapshot and auditing it live cost.
+#[derive(Debug, Clone, Copy)]
+struct RestoreLive {
+    /// From the restore's start to the audit's end.
+    wall: f64,
+    /// `etcdctl snapshot restore` alone.
+    restore_wall: f64,
+    /// Restore + start until the etcd answered.
+    ready_wall: f64,
+    /// restore + restored etcd (whole life) + etcd-inspect, user+sys.
+    cpu: f64,
+    /// etcd-inspect's peak RSS.
+    inspect_rss_kib: i64,
+    /// The restored etcd's peak RSS (`VmHWM`).
+    etcd_rss_kib: i64,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `VmHWM` (peak RSS) of `pid`, KiB.
+fn peak_rss_kib(pid: u32) -> Result<i64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")
+}
+
+/// Kills the restored etcd (and removes its data dir) however the run ends.
+struct Restored {
+    child: std::process::Child,
+    data: PathBuf,
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// What a user does without an offline reader: restore the snapshot into a
+/// data dir, start an etcd on it, wait for it, and audit it live.
+fn restore_and_audit(
+    f: &Flags,
+    snap: &std::path::Path,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<RestoreLive> {
+    let data = dir.join("restored");
+    let _ = std::fs::remove_dir_all(&data);
+    let (cport, pport) = (free_port()?, free_port()?);
+    let peer = format!("http://127.0.0.1:{pport}");
+    let client = format!("http://127.0.0.1:{cport}");
+    let start = Instant::now();
+    let restore = run_measured(
+        &[
+            f.etcdctl.clone(),
+            "snapshot".into(),
+            "restore".into(),
+            snap.display().to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--name".into(),
+            "restored".into(),
+            "--initial-cluster".into(),
+            format!("restored={peer}"),
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+        ],
+        None,
+    )?;
+    if restore.code != 0 {
+        bail!("etcdctl snapshot restore exited {}", restore.code);
+    }
+    let restore_wall = start.elapsed().as_secs_f64();
+    let log = std::fs::File::create(dir.join("restored-etcd.log"))?;
+    let child = Command::new(&f.etcd)
+        .args(["--name", "restored", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("restored={peer}")])
+        .args(["--quota-backend-bytes", "8589934592", "--logger", "zap"])
+        .args(["--log-level", "error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {}", f.etcd))?;
+    let mut restored = Restored { child, data };
+    let pid = restored.child.id();
+    let etcd_cpu = ProcessCpu::new(pid)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let ok = Command::new(&f.etcdctl)
+            .args(["--endpoints", &client, "endpoint", "health"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success();
+        if ok {
+            break;
+        }
+        if let Some(status) = restored.child.try_wait()? {
+            bail!("the restored etcd exited {status} (see restored-etcd.log)");
+        }
+        if Instant::now() > deadline {
+            bail!("the restored etcd did not answer within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ready_wall = start.elapsed().as_secs_f64();
+    let audit = run_measured(
+        &inspect_cmd(f, &["--endpoints".into(), client], config),
+        None,
+    )?;
+    if audit.code != 0 {
+        bail!("etcd-inspect on the restored etcd exited {}", audit.code);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let etcd_cpu = etcd_cpu.read()?.as_secs_f64();
+    let etcd_rss_kib = peak_rss_kib(pid)?;
+    drop(restored);
+    Ok(RestoreLive {
+        wall,
+        restore_wall,
+        ready_wall,
+        cpu: restore.cpu + etcd_cpu + audit.cpu,
+        inspect_rss_kib: audit.rss_kib,
+        etcd_rss_kib,
+    })
+}
+
+/// Seeds each size in turn and prints the comparison tables.
 pub fn run(f: &Flags) -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("etcd-inspect-bench-")
@@ -381,7 +585,9 @@ pub fn run(f: &Flags) -> Result<()> {
     let client = rt.block_on(Client::connect([f.endpoints.as_str()], None))?;
     let mut seeded = 0u64;
     let mut rows: Vec<String> = Vec::new();
-    let mut walls: Vec<(u64, String, f64)> = Vec::new();
+    // (keys, command, measured) of every live row, for the ratios.
+    let mut all: Vec<(u64, String, Measured)> = Vec::new();
+    let mut offline: Vec<Offline> = Vec::new();
     for &n in &f.keys {
         let t = Instant::now();
         rt.block_on(seed(&client, seeded, n))?;
@@ -395,19 +601,7 @@ pub fn run(f: &Flags) -> Result<()> {
         // Let etcd settle (its backend commits every 100 ms).
         std::thread::sleep(Duration::from_secs(1));
 
-        let inspect = vec![
-            f.etcd_inspect.display().to_string(),
-            "--endpoints".into(),
-            f.endpoints.clone(),
-            "--config".into(),
-            config.display().to_string(),
-            "--kms-key-id".into(),
-            format!("bench-plugin={KMS_KEY_ID}"),
-            "--output".into(),
-            "json".into(),
-            "--fail-on".into(),
-            "none".into(),
-        ];
+        let inspect = inspect_cmd(f, &["--endpoints".into(), f.endpoints.clone()], &config);
         let etcdctl = vec![
             f.etcdctl.clone(),
             "--endpoints".into(),
@@ -420,26 +614,86 @@ pub fn run(f: &Flags) -> Result<()> {
             "-w".into(),
             "json".into(),
         ];
-        let ctl = best_of(f.runs, &etcdctl, etcd_cpu.as_ref())?;
-        if ctl.code != 0 {
-            bail!("etcdctl exited {}", ctl.code);
-        }
+        let ctl = if f.etcdctl_get {
+            // One run at a million keys: it takes minutes and ~14 GiB.
+            let runs = if n >= 1_000_000 { 1 } else { f.runs };
+            let ctl = best_of(runs, &etcdctl, etcd_cpu.as_ref())?;
+            if ctl.code != 0 {
+                bail!("etcdctl exited {}", ctl.code);
+            }
+            Some(ctl)
+        } else {
+            None
+        };
         let mut tools: Vec<(String, Vec<String>)> = vec![("etcd-inspect".into(), inspect.clone())];
         for v in &f.variants {
             let mut cmd = inspect.clone();
             cmd.extend(v.iter().cloned());
             tools.push((format!("etcd-inspect {}", v.join(" ")), cmd));
         }
+        let mut live: Option<Measured> = None;
         for (name, cmd) in &tools {
             let m = best_of(f.runs, cmd, etcd_cpu.as_ref())?;
             if m.code != 0 {
                 bail!("{name} exited {}", m.code);
             }
-            rows.push(row(stored, name, &m, Some(ctl.wall)));
-            walls.push((n, name.clone(), m.wall));
+            live.get_or_insert(m);
+            rows.push(row(stored, name, &m, ctl.map(|c| c.wall)));
+            all.push((n, name.clone(), m));
         }
-        rows.push(row(stored, "etcdctl", &ctl, None));
-        walls.push((n, "etcdctl".into(), ctl.wall));
+        if let Some(ctl) = ctl {
+            rows.push(row(stored, "etcdctl", &ctl, None));
+            all.push((n, "etcdctl".into(), ctl));
+        }
+
+        if f.snapshot
+            && let Some(live) = live
+        {
+            let snap = match &f.keep_snapshots {
+                Some(d) => {
+                    std::fs::create_dir_all(d)?;
+                    d.join(format!("bench-{n}.db"))
+                }
+                None => dir.path().join(format!("bench-{n}.db")),
+            };
+            let _ = std::fs::remove_file(&snap);
+            let t = Instant::now();
+            let save = Command::new(&f.etcdctl)
+                .args(["--endpoints", &f.endpoints, "--command-timeout=600s"])
+                .args(["snapshot", "save"])
+                .arg(&snap)
+                .stdout(Stdio::null())
+                .status()?;
+            if !save.success() {
+                bail!("etcdctl snapshot save failed");
+            }
+            eprintln!(
+                "saved {} ({} MiB) in {:.1}s",
+                snap.display(),
+                std::fs::metadata(&snap)?.len() >> 20,
+                t.elapsed().as_secs_f64()
+            );
+            let cmd = inspect_cmd(f, &["snapshot".into(), snap.display().to_string()], &config);
+            let file = best_of(f.runs, &cmd, None)?;
+            if file.code != 0 {
+                bail!("etcd-inspect snapshot exited {}", file.code);
+            }
+            all.push((n, "etcd-inspect snapshot".into(), file));
+            let restore = restore_and_audit(f, &snap, &config, dir.path())?;
+            eprintln!(
+                "  restore {:.2}s, etcd ready at {:.2}s, audited at {:.2}s",
+                restore.restore_wall, restore.ready_wall, restore.wall
+            );
+            if f.keep_snapshots.is_none() {
+                let _ = std::fs::remove_file(&snap);
+            }
+            offline.push(Offline {
+                keys: stored,
+                file,
+                live,
+                restore,
+            });
+        }
     }
     println!(
         "| keys | command | wall s | CPU s (user+sys) | peak RSS MiB | etcd CPU s | wall vs etcdctl |"
@@ -448,15 +702,62 @@ pub fn run(f: &Flags) -> Result<()> {
     for r in &rows {
         println!("{r}");
     }
-    // The growth ratio between the two largest sizes.
+    if !offline.is_empty() {
+        println!();
+        println!(
+            "| keys | audit of a snapshot | wall s | CPU s (all processes) | etcd-inspect peak RSS MiB | etcd peak RSS MiB | wall vs live |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|");
+        let mib = |k: i64| k as f64 / 1024.0;
+        for o in &offline {
+            let live_cpu = o.live.cpu + o.live.etcd_cpu.unwrap_or(0.0);
+            println!(
+                "| {} | etcd-inspect snapshot FILE | {:.2} | {:.2} | {:.1} | — | {:.2} |",
+                o.keys,
+                o.file.wall,
+                o.file.cpu,
+                mib(o.file.rss_kib),
+                o.file.wall / o.live.wall
+            );
+            println!(
+                "| {} | live (etcd-inspect --endpoints){} | {:.2} | {:.2} | {:.1} | — | 1.00 |",
+                o.keys,
+                if o.live.etcd_cpu.is_some() {
+                    ""
+                } else {
+                    ", etcd CPU not counted"
+                },
+                o.live.wall,
+                live_cpu,
+                mib(o.live.rss_kib),
+            );
+            println!(
+                "| {} | etcdctl snapshot restore + etcd start + live | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |",
+                o.keys,
+                o.restore.wall,
+                o.restore.cpu,
+                mib(o.restore.inspect_rss_kib),
+                mib(o.restore.etcd_rss_kib),
+                o.restore.wall / o.live.wall
+            );
+        }
+    }
+    // The growth ratios between the two largest sizes.
     if let [.., small, large] = f.keys.as_slice() {
         println!();
-        for (n, name, wall) in walls.iter().filter(|(n, _, _)| n == large) {
-            if let Some((_, _, w0)) = walls.iter().find(|(m, t, _)| m == small && t == name) {
+        for (_, name, m) in all.iter().filter(|(n, _, _)| n == large) {
+            if let Some((_, _, m0)) = all.iter().find(|(k, t, _)| k == small && t == name) {
+                let etcd = match (m.etcd_cpu, m0.etcd_cpu) {
+                    (Some(e), Some(e0)) if e0 > 0.0 => format!(", etcd CPU {:.2}", e / e0),
+                    _ => String::new(),
+                };
                 println!(
-                    "{name}: {n} / {small} keys wall ratio {:.2} (keys ratio {:.1})",
-                    wall / w0,
-                    *n as f64 / *small as f64
+                    "{name}: {large} / {small} keys: wall ratio {:.2}, CPU {:.2}{etcd}, peak RSS {:.1} → {:.1} MiB (keys ratio {:.1})",
+                    m.wall / m0.wall,
+                    m.cpu / m0.cpu,
+                    m0.rss_kib as f64 / 1024.0,
+                    m.rss_kib as f64 / 1024.0,
+                    *large as f64 / *small as f64
                 );
             }
         }

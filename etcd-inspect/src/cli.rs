@@ -107,7 +107,7 @@ pub struct Args {
     #[arg(long, value_name = "PREFIX", global = true)]
     pub prefix: Option<String>,
 
-    /// Keys per etcd range request [default: as many as fit a 1 MiB page].
+    /// Keys per etcd range request [default: as many as fit a 4 MiB page].
     /// Larger: fewer round trips, more memory; smaller: the reverse.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub page_size: Option<i64>,

@@ -24,22 +24,31 @@
 //! - the first request covers the whole prefix (that one `count` is O(n),
 //!   once); the keys it returns give the first width (the span of those keys);
 //! - after each response the width is rescaled by `target / keys returned`
-//!   (at most ×4 up, also when the window was empty, the measured span of the
-//!   returned keys when it was truncated), so the window follows the density
-//!   of the data: sparse regions are crossed in few requests, a dense
-//!   resource in windows of about one page;
+//!   (at most ×4 up, also when the window was empty), so the window follows
+//!   the density of the data: sparse regions are crossed in few requests, a
+//!   dense resource in windows of about one page;
 //! - each request still carries a limit (the page cap); a window that turns
-//!   out denser than predicted is truncated and its measured span becomes
-//!   the next width, so a misprediction costs one window's keys, once.
+//!   out denser than predicted is truncated and the measured span of the keys
+//!   it returned becomes the next width, so a misprediction costs one
+//!   window's keys, once. That span is measured from the first key returned
+//!   (not from the window's start) when at least [`DENSITY_KEYS`] came back:
+//!   a window widened across a gap (`ns-009` → `ns-010`) lands in the next
+//!   dense stretch, and measured from its start it would size the next
+//!   window by the gap, overshoot the stretch's rest and the next gap, and
+//!   cascade.
 //!
 //! The sum of the `count`s etcd walks is then a small multiple of n instead
-//! of n²/(2·page): 6.1, 7.2 and 8.6 entries per key at 100k, 200k and 1M
-//! kube-shaped keys (README benchmark). It grows slowly because key spaces
-//! have gaps at every level (`ns-009` → `ns-010`, a 27-letter name
-//! alphabet) and a window widened across a gap overshoots into the next
-//! dense stretch, so strictly it is O(n log n) with a small constant. The
-//! test `etcd_inspect_scan` pins the bound through [`ScanStats`] (counted,
-//! not timed). Requests: about 3·n / page.
+//! of n²/(2·page). On kube-shaped keys (the README benchmark's shape; the
+//! unit test `simulated_cost_on_kube_shaped_keys` computes it with etcd
+//! 3.4's rules) it is 3.6, 5.1 and 5.3 entries per key at 50k, 250k and 1M
+//! keys, in 153, 260 and 845 requests. With 1 MiB pages and the span measured
+//! from the window's start it was 6.8 at 200k and 8.9 at 1M in 2,743
+//! requests (the README benchmark counted 7.2 and 8.6 on etcd): the overshoot
+//! per gap crossing is a few namespaces' keys, which outgrows a 1 MiB page
+//! once a namespace holds about a page. A 4 MiB budget keeps a page wider than
+//! the clusters of generated names, so the measured spread is the density.
+//! The test `etcd_inspect_scan` pins the bound on a real etcd through
+//! [`ScanStats`] (counted, not timed).
 //!
 //! Other designs measured or considered: ranges per `/registry/<resource>/`
 //! keep counts local but one large resource stays quadratic; a bigger fixed
@@ -67,8 +76,9 @@ use tokio::sync::mpsc;
 
 use crate::etcd::{EtcdError, MAX_RESPONSE_BYTES, prefix_end};
 
-/// Default byte budget of one page (see the README's benchmark).
-pub const DEFAULT_PAGE_BYTES: usize = 1024 * 1024;
+/// Default byte budget of one page: fewer requests and less counting than
+/// 1 MiB on large key spaces (module docs), at most three pages alive.
+pub const DEFAULT_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Share of the page cap a window aims at, so that ordinary variation in
 /// density fits under the cap instead of truncating the window.
@@ -80,6 +90,13 @@ const AIM: f64 = 0.7;
 /// then counts for nothing; ×4 keeps that overshoot small at the price of a
 /// few more (cheap, empty) requests.
 const GROWTH: f64 = 4.0;
+
+/// Keys a truncated response needs before their own spread is trusted as
+/// the density of the region (rather than the width from the window's
+/// start). Fewer keys reflect how names cluster (`app-1-…`, `app-10-…`), not
+/// the region: with `--page-size 1000` that sizing made 6× more requests
+/// on a million kube-shaped keys.
+const DENSITY_KEYS: usize = 2000;
 
 /// Mean key-value size assumed before the first page arrives.
 const INITIAL_KV_BYTES: usize = 4096;
@@ -343,6 +360,157 @@ impl Span {
     }
 }
 
+/// One range request the planner asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Request {
+    from: Vec<u8>,
+    /// `None`: to the end of the key space.
+    to: End,
+    /// Key limit.
+    cap: i64,
+}
+
+/// What a response said, for the planner (no values).
+#[derive(Debug, Clone, Copy)]
+struct Reply<'a> {
+    /// Keys returned.
+    n: usize,
+    /// Key and value bytes returned.
+    bytes: usize,
+    /// Truncated by the limit.
+    more: bool,
+    first: Option<&'a [u8]>,
+    last: Option<&'a [u8]>,
+}
+
+/// The window logic of the scan, without I/O: which range to ask for next,
+/// given what the previous ones returned (see the module docs). Pure, so
+/// that its cost on a key set can be computed without an etcd.
+#[derive(Debug)]
+struct Planner {
+    options: ScanOptions,
+    end: End,
+    from: Vec<u8>,
+    span: Option<Span>,
+    mean_kv_bytes: f64,
+    /// Lowered after a response too large to decode; grows back.
+    shrink: i64,
+    /// A response with keys has been seen.
+    seen_keys: bool,
+    done: bool,
+}
+
+impl Planner {
+    fn new(prefix: Vec<u8>, options: ScanOptions) -> Self {
+        let end: End = {
+            let e = prefix_end(&prefix);
+            if e == [0] { None } else { Some(e) }
+        };
+        Planner {
+            options,
+            end,
+            from: prefix,
+            span: None,
+            mean_kv_bytes: INITIAL_KV_BYTES as f64,
+            shrink: 1,
+            seen_keys: false,
+            done: false,
+        }
+    }
+
+    /// Key cap of a request.
+    fn cap(&self) -> i64 {
+        match self.options.page_keys {
+            Some(n) => n.max(1),
+            None => {
+                let n = self.options.page_bytes as f64 / self.mean_kv_bytes.max(1.0);
+                (n as i64).clamp(1, MAX_PAGE_KEYS)
+            }
+        }
+    }
+
+    /// The next request, `None` when the range is done.
+    fn request(&self) -> Option<Request> {
+        if self.done {
+            return None;
+        }
+        let to = match self.span {
+            Some(s) => s.advance(&self.from, &self.end),
+            None => self.end.clone(),
+        };
+        Some(Request {
+            from: self.from.clone(),
+            to,
+            cap: (self.cap() / self.shrink).max(1),
+        })
+    }
+
+    /// The response to `req` was too large to decode: ask for fewer keys.
+    /// `false` when it was a single key already.
+    fn too_large(&mut self, req: &Request) -> bool {
+        if req.cap == 1 {
+            return false;
+        }
+        self.shrink *= 2;
+        true
+    }
+
+    /// Takes in the response to `req`.
+    fn reply(&mut self, req: &Request, r: Reply<'_>) {
+        if r.n > 0 {
+            // Weighted toward the recent pages: sizes change by resource.
+            let page_mean = r.bytes as f64 / r.n as f64;
+            self.mean_kv_bytes = if self.seen_keys {
+                0.5 * self.mean_kv_bytes + 0.5 * page_mean
+            } else {
+                page_mean
+            };
+            self.seen_keys = true;
+        }
+        let target = (self.cap() as f64 * AIM).max(1.0);
+        // Where the next window starts, and how wide it is.
+        let next_from = match (r.more, r.last) {
+            (true, Some(last)) => {
+                // Truncated: the keys read span [from, last]; the rest
+                // of the window is denser than predicted.
+                let mut next = last.to_vec();
+                next.push(0);
+                // When enough keys came back, their own spread is the
+                // density; from `from` it would include the gap before the
+                // first key (a window that crossed a gap into a dense region
+                // would otherwise size the next one by the gap, overshoot
+                // the region's rest and the next gap, and cascade).
+                let start = match r.first {
+                    Some(f) if r.n >= DENSITY_KEYS => f,
+                    _ => &req.from,
+                };
+                self.span = Some(Span::between(start, &next).scaled(target / r.n as f64));
+                Some(next)
+            }
+            // A response that is truncated without keys cannot happen;
+            // read it as the end.
+            (true, None) => None,
+            (false, _) => {
+                // The whole window was read; rescale it toward the target.
+                if let Some(s) = self.span {
+                    let f = if r.n == 0 {
+                        GROWTH
+                    } else {
+                        target / r.n as f64
+                    };
+                    self.span = Some(s.scaled(f.min(GROWTH)));
+                }
+                req.to.clone()
+            }
+        };
+        self.shrink = (self.shrink / 2).max(1);
+        match next_from {
+            Some(k) if below_end(&k, &self.end) => self.from = k,
+            _ => self.done = true,
+        }
+    }
+}
+
 struct Fetcher {
     kv: KvClient,
     endpoints: String,
@@ -358,56 +526,31 @@ impl Fetcher {
         }
     }
 
-    /// Key cap of the next request.
-    fn cap(&self, mean_kv_bytes: f64) -> i64 {
-        match self.options.page_keys {
-            Some(n) => n.max(1),
-            None => {
-                let n = self.options.page_bytes as f64 / mean_kv_bytes.max(1.0);
-                (n as i64).clamp(1, MAX_PAGE_KEYS)
-            }
-        }
-    }
-
     async fn scan(&mut self, prefix: Vec<u8>, mut revision: i64) -> Result<(), EtcdError> {
-        let end: End = {
-            let e = prefix_end(&prefix);
-            if e == [0] { None } else { Some(e) }
-        };
-        let mut from = prefix;
-        let mut span: Option<Span> = None;
-        let mut mean_kv_bytes = INITIAL_KV_BYTES as f64;
-        // Lowered after a response too large to decode; grows back.
-        let mut shrink: i64 = 1;
+        let mut planner = Planner::new(prefix, self.options);
         let mut sent_any = false;
-        loop {
-            let to = match span {
-                Some(s) => s.advance(&from, &end),
-                None => end.clone(),
-            };
-            let cap = (self.cap(mean_kv_bytes) / shrink).max(1);
+        while let Some(req) = planner.request() {
             let opts = GetOptions::new()
-                .with_range(to.clone().unwrap_or_else(|| vec![0]))
-                .with_limit(cap)
+                .with_range(req.to.clone().unwrap_or_else(|| vec![0]))
+                .with_limit(req.cap)
                 .with_revision(revision);
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let mut resp = match self.kv.get(from.clone(), Some(opts)).await {
+            let mut resp = match self.kv.get(req.from.clone(), Some(opts)).await {
                 Ok(r) => r,
                 Err(e) if is_too_large(&e) => {
-                    if cap == 1 {
-                        return Err(EtcdError::TooLarge {
-                            from: String::from_utf8_lossy(&from).into_owned(),
-                            limit: MAX_RESPONSE_BYTES,
-                        });
-                    }
                     // Big values: ask for fewer keys rather than a bigger buffer.
-                    shrink *= 2;
-                    continue;
+                    if planner.too_large(&req) {
+                        continue;
+                    }
+                    return Err(EtcdError::TooLarge {
+                        from: String::from_utf8_lossy(&req.from).into_owned(),
+                        limit: MAX_RESPONSE_BYTES,
+                    });
                 }
                 Err(source) => {
                     return Err(EtcdError::Range {
                         endpoints: self.endpoints.clone(),
-                        from: String::from_utf8_lossy(&from).into_owned(),
+                        from: String::from_utf8_lossy(&req.from).into_owned(),
                         revision,
                         source,
                     });
@@ -441,8 +584,8 @@ impl Fetcher {
             let n = kvs.len();
             let bytes: usize = kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
             tracing::trace!(
-                from = %String::from_utf8_lossy(&from),
-                to = %String::from_utf8_lossy(to.as_deref().unwrap_or(b"")),
+                from = %String::from_utf8_lossy(&req.from),
+                to = %String::from_utf8_lossy(req.to.as_deref().unwrap_or(b"")),
                 count,
                 keys = n,
                 more,
@@ -455,62 +598,33 @@ impl Fetcher {
             self.counters
                 .bytes
                 .fetch_add(bytes as u64, Ordering::Relaxed);
-            if n > 0 {
-                // Weighted toward the recent pages: sizes change by resource.
-                let page_mean = bytes as f64 / n as f64;
-                mean_kv_bytes = if sent_any {
-                    0.5 * mean_kv_bytes + 0.5 * page_mean
-                } else {
-                    page_mean
-                };
-            }
-            let target = (self.cap(mean_kv_bytes) as f64 * AIM).max(1.0);
-
-            // Where the next window starts, and how wide it is.
-            let next_from = match (more, kvs.last()) {
-                (true, Some(last)) => {
-                    // Truncated: the keys read span [from, last]; the rest
-                    // of the window is denser than predicted.
-                    let mut next = last.key.clone();
-                    next.push(0);
-                    span = Some(Span::between(&from, &next).scaled(target / n as f64));
-                    Some(next)
-                }
-                // A response that is truncated without keys cannot happen;
-                // read it as the end.
-                (true, None) => None,
-                (false, _) => {
-                    // The whole window was read; rescale it toward the target.
-                    if let Some(s) = span {
-                        let f = if n == 0 { GROWTH } else { target / n as f64 };
-                        span = Some(s.scaled(f.min(GROWTH)));
-                    }
-                    to.clone()
-                }
-            };
-            shrink = (shrink / 2).max(1);
-            if n > 0 || (!sent_any && next_from.is_none()) {
+            planner.reply(
+                &req,
+                Reply {
+                    n,
+                    bytes,
+                    more,
+                    first: kvs.first().map(|kv| kv.key.as_slice()),
+                    last: kvs.last().map(|kv| kv.key.as_slice()),
+                },
+            );
+            if n > 0 || (!sent_any && planner.done) {
                 sent_any = true;
                 if self.tx.send(Ok(Page { revision, kvs })).await.is_err() {
                     return Ok(()); // consumer gone
                 }
             }
-            match next_from {
-                Some(k) if below_end(&k, &end) => from = k,
-                _ => {
-                    if !sent_any {
-                        let _ = self
-                            .tx
-                            .send(Ok(Page {
-                                revision,
-                                kvs: Vec::new(),
-                            }))
-                            .await;
-                    }
-                    return Ok(());
-                }
-            }
         }
+        if !sent_any {
+            let _ = self
+                .tx
+                .send(Ok(Page {
+                    revision,
+                    kvs: Vec::new(),
+                }))
+                .await;
+        }
+        Ok(())
     }
 }
 
@@ -532,6 +646,108 @@ fn is_too_large(e: &etcd_client::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a scan costs on a key set, computed with etcd 3.4's rules: a
+    /// request's `count` is every key in `[from, to)`, it returns the first
+    /// `cap` of them and `more` when there were more.
+    #[derive(Debug, Default)]
+    struct Simulated {
+        requests: u64,
+        range_keys: u64,
+        keys: Vec<Vec<u8>>,
+    }
+
+    fn simulate(data: &[(Vec<u8>, usize)], prefix: &[u8], options: ScanOptions) -> Simulated {
+        let mut planner = Planner::new(prefix.to_vec(), options);
+        let mut out = Simulated::default();
+        while let Some(req) = planner.request() {
+            out.requests += 1;
+            let lo = data.partition_point(|(k, _)| k.as_slice() < req.from.as_slice());
+            let hi = match &req.to {
+                Some(t) => data.partition_point(|(k, _)| k.as_slice() < t.as_slice()),
+                None => data.len(),
+            };
+            let count = hi.saturating_sub(lo);
+            out.range_keys += count as u64;
+            let n = count.min(req.cap as usize);
+            let page = &data[lo..lo + n];
+            out.keys.extend(page.iter().map(|(k, _)| k.clone()));
+            planner.reply(
+                &req,
+                Reply {
+                    n,
+                    bytes: page.iter().map(|(k, v)| k.len() + v).sum(),
+                    more: count > n,
+                    first: page.first().map(|(k, _)| k.as_slice()),
+                    last: page.last().map(|(k, _)| k.as_slice()),
+                },
+            );
+            assert!(out.requests < 10_000_000, "runaway scan");
+        }
+        out
+    }
+
+    /// Keys shaped like the README benchmark's (kube-apiserver's layout:
+    /// 500 namespaces, generated names, 60% Secrets of 0.2-1.2 KB, 40%
+    /// ConfigMaps of 0.3-2 KB, one in 500 of 100 KiB), sorted, with sizes.
+    fn kube_keys(n: u64) -> Vec<(Vec<u8>, usize)> {
+        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        let mut out: Vec<(Vec<u8>, usize)> = (0..n)
+            .map(|i| {
+                let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut next = move || {
+                    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut x = z;
+                    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    x ^ (x >> 31)
+                };
+                let ns = next() % 500;
+                let app = next() % 40;
+                let suffix: String = (0..5)
+                    .map(|_| ALPHABET[(next() % 27) as usize] as char)
+                    .collect();
+                let (res, kind, size) = if i % 500 == 499 {
+                    ("configmaps", "bundle", 100 * 1024)
+                } else if next() % 10 < 4 {
+                    ("configmaps", "config", 300 + (next() % 1700) as usize)
+                } else {
+                    ("secrets", "token", 200 + (next() % 1000) as usize)
+                };
+                let key = format!("/registry/{res}/ns-{ns:03}/app-{app}-{kind}-{suffix}");
+                (key.into_bytes(), size)
+            })
+            .collect();
+        out.sort();
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    /// The default engine on kube-shaped key sets of 50k and 250k keys
+    /// (1M: 845 requests, 5.25 counted per key; with the former 1 MiB pages
+    /// and window-wide density it was 2,743 requests and 8.91 per key, and
+    /// 6.81 per key at 200k: the growth the README benchmark saw).
+    #[test]
+    fn simulated_cost_on_kube_shaped_keys() {
+        for n in [50_000u64, 250_000] {
+            let data = kube_keys(n);
+            let sim = simulate(&data, b"/registry/", ScanOptions::default());
+            assert_eq!(sim.keys.len(), data.len());
+            assert!(sim.keys.iter().zip(&data).all(|(a, b)| *a == b.0));
+            let per_key = sim.range_keys as f64 / data.len() as f64;
+            eprintln!(
+                "{n}: {} requests, {per_key:.2} counted per key",
+                sim.requests
+            );
+            assert!(per_key <= 6.0, "{n} keys: {per_key:.2} counted per key");
+            // The crossings between 2 × 500 namespaces, then ~1 per 3,000 keys.
+            assert!(
+                sim.requests <= 200 + n / 1000,
+                "{n} keys: {} requests",
+                sim.requests
+            );
+        }
+    }
 
     #[test]
     fn debug_hides_values() {

@@ -4,8 +4,11 @@
 //! same [`Page`]s, in key order.
 //!
 //! The file is read on a blocking thread, one page of keys ahead of the
-//! consumer (like the live scan), so memory holds at most two pages of
-//! values plus the reader's index of keys under the prefix.
+//! consumer (like the live scan), so memory holds at most three pages of
+//! values (one judged, one queued, one being read; each at most 1,000 keys
+//! or 1 MiB plus one value) plus the reader's index of keys, which is
+//! bounded by a byte budget whatever the number of keys
+//! ([`etcd_snapshot::Snapshot::latest`]). Memory is flat in the key count.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +19,9 @@ use crate::record::RevisionInfo;
 
 /// Keys per page handed to the judge (bounded by bytes too).
 const PAGE_KEYS: usize = 1000;
-/// Value bytes per page before it is handed over early.
-const PAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Value bytes per page before it is handed over early (the live scan's
+/// default budget too).
+const PAGE_BYTES: usize = 1024 * 1024;
 
 /// One value read from the file.
 #[derive(Clone)]

@@ -159,7 +159,8 @@ fn page_size_override_is_respected() {
 #[test]
 fn value_larger_than_the_page_budget_is_read() {
     let etcd = EtcdServer::start();
-    // Default budget 1 MiB; etcd's default request limit is 1.5 MiB.
+    // etcd's default request limit (1.5 MiB) bounds a value; the CLI reads it
+    // with the default 4 MiB budget, the library below with 16 KiB.
     let big = k8s_protobuf("v1", "ConfigMap", &vec![b'x'; 1_400_000]);
     let mut kvs: Vec<(String, Vec<u8>)> = (0..50).map(configmap).collect();
     kvs.push(("/registry/configmaps/big/cm-000025x".into(), big.clone()));

@@ -10,25 +10,34 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use atrest_tests::etcd::EtcdServer;
-use etcd_snapshot::{FreeKind, Integrity, Snapshot, SnapshotError, page};
+use etcd_snapshot::{FreeKind, Integrity, LatestStats, Snapshot, SnapshotError, page};
 use snapshot_kit::{GetKv, MemberEtcd, etcdctl_get_all, snapshot_save, write_history};
 
 fn latest_of(s: &Snapshot<impl etcd_snapshot::Source>) -> (i64, Vec<GetKv>) {
-    let latest = s.latest(b"").unwrap();
-    let rev = latest.revision();
-    let kvs = latest
-        .map(|kv| {
-            let kv = kv.unwrap();
-            GetKv {
-                key: kv.key,
-                value: kv.value,
-                create_revision: kv.create_revision,
-                mod_revision: kv.mod_revision,
-                version: kv.version,
-            }
-        })
-        .collect();
+    let (rev, kvs, stats) = latest_with_budget(s, etcd_snapshot::DEFAULT_INDEX_BYTES);
+    assert_eq!(stats.passes, 1, "a small file is indexed in one pass");
     (rev, kvs)
+}
+
+/// The latest view read with an index of at most `budget` bytes.
+fn latest_with_budget(
+    s: &Snapshot<impl etcd_snapshot::Source>,
+    budget: usize,
+) -> (i64, Vec<GetKv>, LatestStats) {
+    let mut latest = s.latest_with_budget(b"", budget).unwrap();
+    let rev = latest.revision();
+    let mut kvs = Vec::new();
+    for kv in latest.by_ref() {
+        let kv = kv.unwrap();
+        kvs.push(GetKv {
+            key: kv.key,
+            value: kv.value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+        });
+    }
+    (rev, kvs, latest.stats())
 }
 
 fn assert_same(got: &[GetKv], want: &[GetKv]) {
@@ -60,6 +69,27 @@ fn snapshot_save_file_reads_like_etcdctl_get() {
     assert_same(&got, &want);
     // Values larger than a page came through overflow pages.
     assert!(got.iter().any(|kv| kv.value.len() > 4 * 4096));
+
+    // Flat memory: with an index budget of ~30 keys the same view comes in
+    // many passes, never holding more than the budget (+ the one key
+    // whose insertion went over it, dropped at once).
+    let budget = 4096;
+    let (rev, small, stats) = latest_with_budget(&s, budget);
+    assert_eq!(rev, want_rev);
+    assert_same(&small, &want);
+    eprintln!("budget {budget}: {stats:?}");
+    assert!(
+        stats.passes >= 5,
+        "{} keys in {} passes",
+        want.len(),
+        stats.passes
+    );
+    let longest = want.iter().map(|kv| kv.key.len()).max().unwrap();
+    assert!(
+        stats.max_index_bytes as usize <= budget + longest + 96,
+        "{stats:?}"
+    );
+    assert!(stats.max_keys_held <= 4096 / 96 + 1, "{stats:?}");
 
     let meta = s.mvcc_meta().unwrap();
     assert_eq!(meta.finished_compact_rev, Some(compacted_at));
