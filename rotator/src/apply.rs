@@ -73,17 +73,6 @@ pub enum ApplyError {
         #[source]
         source: storage_encryption::ConfigError,
     },
-    /// Reading a host file failed.
-    #[error("cannot read {path} (host {host}): {source}")]
-    Read {
-        /// Host.
-        host: String,
-        /// File.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// Hosts have different files, or a file changed outside the rotator.
     #[error("{message}")]
     Drift {
