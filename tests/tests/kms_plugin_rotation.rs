@@ -272,3 +272,49 @@ async fn retiring_the_primary_kek_is_refused() -> Result<()> {
     assert!(plugin.status().await?.healthz == "ok");
     Ok(())
 }
+
+/// Two hosts during the rotator's promote stage: one plugin already serves the
+/// promoted keyring copy, the other still the copy from the add stage. What
+/// the promoted one writes must decrypt on the other, or that host's
+/// apiserver cannot read its peers' new writes until the copy reaches it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_on_the_pre_promote_copy_reads_what_a_promoted_peer_writes() -> Result<()> {
+    let behind = start().await?;
+    let reloads = successful_reloads(&behind).await?;
+    let added = behind.keyring().add().await?;
+    wait_for_successful_reload(&behind, reloads).await?;
+
+    // The peer host: a byte-for-byte copy of the add stage's keyring, then promoted.
+    let peer_dir = tempfile::tempdir()?;
+    let peer_keyring = peer_dir.path().join("keyring.json");
+    atrest_tests::plugin::write_atomically(
+        &peer_keyring,
+        &std::fs::read(behind.keyring().path())?,
+    )?;
+    let ahead = PluginProcess::start(PluginOptions::new().metrics().keyring(&peer_keyring)).await?;
+    let before = ahead.status().await?.key_id;
+    let promoted = ahead.keyring().promote(added).await?;
+    assert_eq!(ahead.wait_for_key_id_change(&before).await?, promoted);
+
+    let written = encrypt(&ahead.client(), &seed(7)).await?;
+    assert_eq!(written.key_id, promoted);
+    assert_eq!(
+        decrypt(&behind.client(), &written.ciphertext, &written.key_id).await?,
+        seed(7),
+        "the plugin still on the pre-promote copy cannot read the promoted peer's write"
+    );
+    // It still writes under its own primary until its copy is promoted too.
+    assert_eq!(behind.status().await?.key_id, before);
+
+    // Only the next promotion is answered early: a key_id one epoch further is unknown.
+    let further = ahead.keyring().promote(1).await?;
+    ahead.wait_for_key_id_change(&promoted).await?;
+    let again = ahead.keyring().promote(added).await?;
+    assert_eq!(ahead.wait_for_key_id_change(&further).await?, again);
+    let later = encrypt(&ahead.client(), &seed(8)).await?;
+    let refused = decrypt(&behind.client(), &later.ciphertext, &later.key_id)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    Ok(())
+}
