@@ -862,40 +862,10 @@ fn kv_key(buf: &[u8]) -> Result<&[u8], String> {
 }
 
 impl<S: Source> Cursor<'_, S> {
-    /// Calls `f` with every leaf entry (flags, key, value), borrowed.
-    fn for_each(
-        &mut self,
-        mut f: impl FnMut(u32, &[u8], &[u8]) -> Result<(), ErrorKind>,
-    ) -> Result<(), ErrorKind> {
-        loop {
-            let depth = self.stack.len();
-            let Some((node, idx)) = self.stack.last_mut() else {
-                return Ok(());
-            };
-            if *idx >= node.count() {
-                self.stack.pop();
-                continue;
-            }
-            let i = *idx;
-            *idx += 1;
-            if node.is_leaf() {
-                let e = node.leaf(i)?;
-                f(e.flags, e.key, e.value)?;
-                continue;
-            }
-            let parent = node.id;
-            let (_, child) = node.branch(i)?;
-            if depth >= MAX_DEPTH {
-                return Err(ErrorKind::TooDeep(MAX_DEPTH, child));
-            }
-            self.seen.insert(child)?;
-            let child = self.snap.node(child, PageRef::Branch(parent))?;
-            self.stack.push((child, 0));
-        }
-    }
-
-    /// The next leaf entry: (flags, key, value).
-    fn next_entry(&mut self) -> Result<Option<Entry>, ErrorKind> {
+    /// Walks to the next leaf element: on `Some(i)` the node on top of the
+    /// stack is a leaf and `i` its element (one walk for both ways of
+    /// reading entries below).
+    fn advance(&mut self) -> Result<Option<usize>, ErrorKind> {
         loop {
             let depth = self.stack.len();
             let Some((node, idx)) = self.stack.last_mut() else {
@@ -908,8 +878,7 @@ impl<S: Source> Cursor<'_, S> {
             let i = *idx;
             *idx += 1;
             if node.is_leaf() {
-                let e = node.leaf(i)?;
-                return Ok(Some((e.flags, e.key.to_vec(), e.value.to_vec())));
+                return Ok(Some(i));
             }
             let parent = node.id;
             let (_, child) = node.branch(i)?;
@@ -920,6 +889,36 @@ impl<S: Source> Cursor<'_, S> {
             let child = self.snap.node(child, PageRef::Branch(parent))?;
             self.stack.push((child, 0));
         }
+    }
+
+    /// The next leaf element, borrowed from its page.
+    fn next_leaf(&mut self) -> Result<Option<page::LeafElem<'_>>, ErrorKind> {
+        let Some(i) = self.advance()? else {
+            return Ok(None);
+        };
+        match self.stack.last() {
+            Some((node, _)) => node.leaf(i).map(Some),
+            // `advance` returned with a leaf on top of the stack.
+            None => Ok(None),
+        }
+    }
+
+    /// Calls `f` with every leaf entry (flags, key, value), borrowed.
+    fn for_each(
+        &mut self,
+        mut f: impl FnMut(u32, &[u8], &[u8]) -> Result<(), ErrorKind>,
+    ) -> Result<(), ErrorKind> {
+        while let Some(e) = self.next_leaf()? {
+            f(e.flags, e.key, e.value)?;
+        }
+        Ok(())
+    }
+
+    /// The next leaf entry: (flags, key, value).
+    fn next_entry(&mut self) -> Result<Option<Entry>, ErrorKind> {
+        Ok(self
+            .next_leaf()?
+            .map(|e| (e.flags, e.key.to_vec(), e.value.to_vec())))
     }
 }
 
