@@ -23,11 +23,18 @@
 //! - A header block (HEADERS + its CONTINUATION frames) is collected and
 //!   decoded with an HPACK decoder ([`hpack`]) that tracks the client's
 //!   dynamic table (4096 bytes at most: h2's default
-//!   SETTINGS_HEADER_TABLE_SIZE, which this server never changes). Every
-//!   field is re-encoded as a *literal without indexing* with a literal name,
-//!   so the server's own HPACK decoder never adds to or reads from its
-//!   dynamic table and stays consistent whatever the client indexed. Dynamic
-//!   table size updates are consumed here and not forwarded.
+//!   SETTINGS_HEADER_TABLE_SIZE, which this server never changes).
+//! - Until a connection sends its first authority h2 would refuse, its
+//!   blocks are handed on *as sent* (the HPACK bytes unchanged, padding
+//!   dropped): h2's decoder follows the client's dynamic table exactly as
+//!   without the shim, and indexed fields stay cheap for it. kube-apiserver
+//!   (grpc-go) never needs a rewrite, so it only pays the decode here.
+//! - From a connection's first refused authority on, every block is
+//!   re-encoded: every field as a *literal without indexing* with a literal
+//!   name, so h2's decoder never adds to or reads from its dynamic table
+//!   again (what it holds from before is never referenced) and stays
+//!   consistent whatever the client indexes. Dynamic table size updates are
+//!   then consumed here and not forwarded.
 //! - A `:authority` that `http::uri::Authority` does not accept (exactly the
 //!   check h2 makes: percent signs, slashes, an empty value, non-ASCII) is
 //!   replaced by `localhost`. A valid authority is kept as sent. Nothing else
@@ -148,6 +155,8 @@ pub struct Shim {
     pass: usize,
     block: Option<OpenBlock>,
     decoder: hpack::Decoder,
+    /// Blocks are re-encoded from now on (an authority was replaced).
+    rewriting: bool,
     eof: bool,
     failed: bool,
 }
@@ -160,6 +169,7 @@ impl std::fmt::Debug for Shim {
             .field("pending", &self.output.len())
             .field("pass", &self.pass)
             .field("block_open", &self.block.is_some())
+            .field("rewriting", &self.rewriting)
             .field("eof", &self.eof)
             .finish()
     }
@@ -181,6 +191,7 @@ impl Shim {
             pass: PREFACE_LEN,
             block: None,
             decoder,
+            rewriting: false,
             eof: false,
             failed: false,
         }
@@ -343,7 +354,14 @@ impl Shim {
                 };
                 if flags & END_HEADERS != 0 {
                     // The usual case, a block in one frame: no copy of it.
-                    finish(&mut self.decoder, &mut self.output, &block, fragment)?;
+                    let rewriting = &mut self.rewriting;
+                    finish(
+                        &mut self.decoder,
+                        rewriting,
+                        &mut self.output,
+                        &block,
+                        fragment,
+                    )?;
                     self.input.advance(FRAME_HEADER + len);
                     return Ok(true);
                 }
@@ -355,7 +373,14 @@ impl Shim {
         };
         self.input.advance(FRAME_HEADER + len);
         if flags & END_HEADERS != 0 {
-            finish(&mut self.decoder, &mut self.output, &block, &block.fragment)?;
+            let rewriting = &mut self.rewriting;
+            finish(
+                &mut self.decoder,
+                rewriting,
+                &mut self.output,
+                &block,
+                &block.fragment,
+            )?;
         } else {
             self.block = Some(block);
         }
@@ -363,15 +388,21 @@ impl Shim {
     }
 }
 
-/// Decodes a complete header block and queues it re-encoded.
+/// Decodes a complete header block and queues it: as sent while the
+/// connection has not needed a rewrite, re-encoded from its first refused
+/// authority on (`rewriting` is then set for good). The re-encoding is
+/// built either way (a field may turn out to need it only after others were
+/// decoded); it is a copy of a few hundred bytes.
 fn finish(
     decoder: &mut hpack::Decoder,
+    rewriting: &mut bool,
     output: &mut BytesMut,
     block: &OpenBlock,
     fragment: &[u8],
 ) -> Result<(), Refusal> {
     let mut encoded = Vec::with_capacity(fragment.len() + 64);
     let mut decoded = 0usize;
+    let mut replaced = false;
     decoder
         .decode(fragment, |name, value| {
             decoded = decoded.saturating_add(name.len() + value.len() + 32);
@@ -381,6 +412,7 @@ fn finish(
                 return;
             }
             let value = if name == b":authority" && http::uri::Authority::try_from(value).is_err() {
+                replaced = true;
                 REPLACEMENT
             } else {
                 value
@@ -391,7 +423,8 @@ fn finish(
     if decoded > MAX_DECODED {
         return Err(Refusal::DecodedTooLarge);
     }
-    queue_frames(output, block, &encoded);
+    *rewriting |= replaced;
+    queue_frames(output, block, if *rewriting { &encoded } else { fragment });
     Ok(())
 }
 
@@ -577,6 +610,48 @@ mod tests {
                     (f[i + 1].0, f[i + 1].3.as_slice()),
                     (0x0, &b"\0\0\0\0\0"[..])
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_pass_as_sent_until_the_first_refused_authority_then_all_are_literals() {
+        let [first, second] = indexing_blocks(b"localhost");
+        // Client table after `first`: 62 te, 63 content-type,
+        // 64 :authority localhost, 65 :path.
+        let mut third = vec![0x83, 0x86, 0x80 | 65, 0x41];
+        string(&mut third, b"%2Frun%2Fkms.sock");
+        // Now 62 :authority %2F…, 63 te, 64 content-type,
+        // 65 :authority localhost, 66 :path.
+        third.extend([0x80 | 64, 0x80 | 63]);
+        // A valid authority again, but through the client's table as the
+        // server never saw it: it must be re-encoded too.
+        let fourth = vec![0x83, 0x86, 0x80 | 66, 0x80 | 65, 0x80 | 64, 0x80 | 63];
+        let blocks = [&first, &second, &third, &fourth];
+        let mut input = PREFACE.to_vec();
+        for (stream, block) in [1, 3, 5, 7].into_iter().zip(blocks) {
+            input.extend(frame(HEADERS, END_HEADERS, stream, block));
+        }
+        for chunk in [1, 9, input.len()] {
+            let f = frames(&run(&mut Shim::new(), &input, chunk).unwrap());
+            assert_eq!(f.len(), 4);
+            assert_eq!(f[0].3, first, "passed as sent");
+            assert_eq!(f[1].3, second, "passed as sent");
+            // Literal without indexing, literal name: 0x00.
+            assert_eq!(f[2].3[0], 0);
+            assert_eq!(f[3].3[0], 0);
+            // One decoder with a full table, as h2's: it must follow.
+            let mut server = loona_hpack::Decoder::new();
+            for (i, authority) in [&b"localhost"[..], b"localhost", b"localhost", b"localhost"]
+                .into_iter()
+                .enumerate()
+            {
+                let headers = server.decode(&f[i].3).unwrap();
+                assert_eq!(headers.len(), 6, "block {i}");
+                assert_eq!(headers[2].1, b"/v2.KeyManagementService/Status");
+                assert_eq!(headers[3], (b":authority".to_vec(), authority.to_vec()));
+                assert_eq!(headers[4].1, b"application/grpc");
+                assert_eq!(headers[5], (b"te".to_vec(), b"trailers".to_vec()));
             }
         }
     }
