@@ -27,9 +27,15 @@ pub trait KekSet: Send + Sync {
     fn decrypt(&self, key_id: &str, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, DecryptError>;
     /// How many KEKs the set holds.
     fn kek_count(&self) -> usize;
-    /// Whether calls may block on I/O (a KEK in a PKCS#11 token): the
-    /// service then runs them off the async workers.
-    fn blocks(&self) -> bool {
+    /// Whether Encrypt may block on I/O (the primary KEK is in a PKCS#11
+    /// token): the service then runs it off the async workers.
+    fn encrypt_blocks(&self) -> bool {
+        false
+    }
+    /// Whether Decrypt for `key_id` may block on I/O (that KEK is in a
+    /// token). A local KEK's reads stay on the async workers also in a
+    /// mixed keyring (and while its token is away).
+    fn decrypt_blocks(&self, _key_id: &str) -> bool {
         false
     }
 }

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::backend::{DecryptError, EncryptError, KekBackend};
 use crate::health::Health;
 use crate::metrics::{Method, Metrics, Outcome};
+use crate::pkcs11::calls::Offloaded;
 
 /// The version Status reports; kube-apiserver requires it never to change.
 pub const VERSION: &str = "v2";
@@ -95,14 +96,25 @@ fn decrypt_status(e: &DecryptError, key_id: &str) -> (Outcome, Status) {
     }
 }
 
-/// Runs a token KEK's call (which blocks on the token) on tokio's blocking
-/// pool, so the async workers keep serving meanwhile. Cheaper per call than
-/// `block_in_place`, which hands the worker's whole scheduler to another
-/// thread on every call; the blocking threads take queued calls one after
-/// another without sleeping under load. `None` when the call panicked or
-/// the runtime is shutting down.
-async fn off_worker<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(call).await.ok()
+/// Runs a token KEK's call (which blocks on the token) on the token call
+/// threads ([`crate::pkcs11::calls`]), so the async workers keep serving
+/// meanwhile. Without a PKCS#11 configuration (never the case for a set that
+/// blocks) it uses tokio's blocking pool.
+async fn off_worker<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Offloaded<T> {
+    match crate::pkcs11::serving::installed() {
+        Some(hsm) => hsm.run(call).await,
+        None => tokio::task::spawn_blocking(call)
+            .await
+            .map_or(Offloaded::Lost, Offloaded::Done),
+    }
+}
+
+/// Why a token call was refused after waiting in the queue.
+fn queue_timed_out() -> String {
+    match crate::pkcs11::serving::installed() {
+        Some(hsm) => hsm.busy_reason(),
+        None => "the token call waited too long for a thread".to_owned(),
+    }
 }
 
 #[tonic::async_trait]
@@ -131,11 +143,13 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
         let started = Instant::now();
         let set = self.backend.current();
         let plaintext = request.into_inner().plaintext;
-        let result = if set.blocks() {
+        let result = if set.encrypt_blocks() {
             let set = set.clone();
-            off_worker(move || set.encrypt(&plaintext))
-                .await
-                .unwrap_or(Err(EncryptError::Cipher))
+            match off_worker(move || set.encrypt(&plaintext)).await {
+                Offloaded::Done(result) => result,
+                Offloaded::TimedOut => Err(EncryptError::Exhausted(queue_timed_out())),
+                Offloaded::Lost => Err(EncryptError::Cipher),
+            }
         } else {
             set.encrypt(&plaintext)
         };
@@ -195,14 +209,20 @@ impl<B: KekBackend> KeyManagementService for KmsService<B> {
             ))
         } else {
             let set = self.backend.current();
-            if set.blocks() {
+            if set.decrypt_blocks(&req.key_id) {
                 let DecryptRequest {
                     key_id, ciphertext, ..
                 } = req;
                 let set = set.clone();
                 match off_worker(move || (set.decrypt(&key_id, &ciphertext), key_id)).await {
-                    Some((result, key_id)) => result.map_err(|e| decrypt_status(&e, &key_id)),
-                    None => Err((
+                    Offloaded::Done((result, key_id)) => {
+                        result.map_err(|e| decrypt_status(&e, &key_id))
+                    }
+                    Offloaded::TimedOut => Err((
+                        Outcome::Internal,
+                        Status::resource_exhausted(queue_timed_out()),
+                    )),
+                    Offloaded::Lost => Err((
                         Outcome::Internal,
                         Status::internal("decryption failed: the token call did not finish"),
                     )),

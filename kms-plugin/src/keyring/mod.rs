@@ -262,8 +262,16 @@ impl KekSet for Keyring {
         }
     }
 
-    fn blocks(&self) -> bool {
+    fn encrypt_blocks(&self) -> bool {
+        matches!(self.primary.cipher, Cipher::Token(_))
+    }
+
+    fn decrypt_blocks(&self, key_id: &str) -> bool {
         self.blocks
+            && self
+                .by_key_id
+                .get(key_id)
+                .is_some_and(|kek| matches!(kek.cipher, Cipher::Token(_)))
     }
 
     fn kek_count(&self) -> usize {

@@ -21,6 +21,7 @@
 //! copied to hosts whose client library lives elsewhere.
 
 pub mod add;
+pub mod calls;
 pub mod serving;
 pub mod setup;
 
@@ -353,6 +354,9 @@ struct PoolState {
     idle: Vec<Session>,
     open: usize,
     peak: usize,
+    /// Calls waiting on `freed` (a session freed with nobody waiting needs
+    /// no wake-up: notifying costs a system call).
+    waiting: usize,
 }
 
 impl Token {
@@ -542,10 +546,12 @@ impl Token {
                         wait: self.wait,
                     });
                 }
+                state.waiting += 1;
                 state = match self.freed.wait_timeout(state, deadline - now) {
                     Ok((s, _)) => s,
                     Err(poisoned) => poisoned.into_inner().0,
                 };
+                state.waiting -= 1;
             }
         };
         if let Some(since) = waiting_since {
@@ -553,6 +559,7 @@ impl Token {
         }
         let result = f(&session).map_err(|e| call_error(&self.label, e));
         let mut state = lock(&self.pool);
+        let wake = state.waiting > 0;
         if matches!(&result, Err(e) if e.is_token_gone()) {
             // A session of a vanished token is useless; close it (drop).
             state.open -= 1;
@@ -562,7 +569,9 @@ impl Token {
             state.idle.push(session);
             drop(state);
         }
-        self.freed.notify_one();
+        if wake {
+            self.freed.notify_one();
+        }
         result
     }
 

@@ -13,13 +13,16 @@ use std::time::{Duration, Instant};
 use cryptoki::object::ObjectHandle;
 use keyring::Pkcs11Ref;
 
+use super::calls::{CallThreads, Offloaded, QueueStats};
 use super::{HsmError, ModuleConfig, Token};
 
-/// The PKCS#11 configuration of this process and the tokens it opened.
+/// The PKCS#11 configuration of this process, the tokens it opened and the
+/// threads that make their calls.
 #[derive(Debug)]
 pub struct Hsm {
     config: ModuleConfig,
     tokens: Mutex<HashMap<TokenName, Arc<Token>>>,
+    calls: CallThreads,
 }
 
 /// A token's label and optional serial.
@@ -27,14 +30,25 @@ type TokenName = (String, Option<String>);
 
 static HSM: OnceLock<Hsm> = OnceLock::new();
 
-/// Sets the process's PKCS#11 configuration (once; later calls are ignored
-/// and return `false`).
-pub fn install(config: ModuleConfig) -> bool {
-    HSM.set(Hsm {
-        config,
-        tokens: Mutex::new(HashMap::new()),
-    })
-    .is_ok()
+/// Sets the process's PKCS#11 configuration and starts its token call
+/// threads (once; later calls are ignored and return `Ok(false)`).
+pub fn install(config: ModuleConfig) -> Result<bool, HsmError> {
+    if HSM.get().is_some() {
+        return Ok(false);
+    }
+    let calls = CallThreads::start(config.max_sessions, config.session_wait).map_err(|e| {
+        HsmError::Module {
+            path: config.module.clone(),
+            reason: format!("cannot start the token call threads: {e}"),
+        }
+    })?;
+    Ok(HSM
+        .set(Hsm {
+            config,
+            tokens: Mutex::new(HashMap::new()),
+            calls,
+        })
+        .is_ok())
 }
 
 /// The configuration, when `--pkcs11-module` was given.
@@ -191,6 +205,36 @@ fn find_and_verify(
 }
 
 impl Hsm {
+    /// Runs a call that reaches a token on one of the token call threads
+    /// (see [`super::calls`]).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> Offloaded<T> {
+        self.calls.run(call).await
+    }
+
+    /// Why a call that waited in the queue too long was refused (in the
+    /// words of a token's own pool refusal: the threads are its sessions).
+    pub fn busy_reason(&self) -> String {
+        let labels = {
+            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            let mut labels: Vec<String> = tokens.keys().map(|(l, _)| format!("{l:?}")).collect();
+            labels.sort();
+            labels.join(", ")
+        };
+        format!(
+            "PKCS#11 session pool of token {labels} exhausted: all {} sessions (--pkcs11-max-sessions) stayed busy for {:?} (--pkcs11-session-wait)",
+            self.calls.threads(),
+            self.calls.wait()
+        )
+    }
+
+    /// The token call queue's account.
+    pub fn queue_stats(&self) -> QueueStats {
+        self.calls.stats()
+    }
+
     /// The token a reference names, opened (and logged in) on first use.
     pub fn token(&self, reference: &Pkcs11Ref) -> Result<Arc<Token>, HsmError> {
         let key = (reference.token.clone(), reference.serial.clone());
@@ -210,15 +254,30 @@ impl Hsm {
     /// Every token's statistics summed (what `/metrics` shows).
     pub fn stats(&self) -> super::TokenStats {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens
+        let mut stats = tokens
             .values()
             .map(|t| t.stats())
-            .fold(super::TokenStats::default(), super::TokenStats::plus)
+            .fold(super::TokenStats::default(), super::TokenStats::plus);
+        // A call waits for a session in the call queue (one thread per
+        // session), or in a token's pool when several tokens share them.
+        let queue = self.calls.stats();
+        stats.waits += queue.waits;
+        stats.waited += queue.waited;
+        stats.exhausted += queue.timed_out;
+        stats
     }
 
     /// Logs what every token's crypto calls cost inside the module (at the
     /// end of `serve`): calls, time inside the module per call, peak sessions.
     pub fn log_stats(&self) {
+        let queue = self.calls.stats();
+        tracing::info!(
+            threads = self.calls.threads(),
+            queue_waits = queue.waits,
+            queue_wait_ms = queue.waited.as_millis(),
+            queue_timed_out = queue.timed_out,
+            "PKCS#11 call queue"
+        );
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         for ((label, _), token) in tokens.iter() {
             let s = token.stats();

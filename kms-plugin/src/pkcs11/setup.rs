@@ -45,7 +45,7 @@ pub fn from_args(args: &Pkcs11ServeArgs) -> Result<Option<ModuleConfig>, FlagErr
 /// report.
 pub fn start(config: ModuleConfig, path: &Path) -> Result<(), HsmError> {
     let module = config.module.clone();
-    serving::install(config);
+    serving::install(config)?;
     let Some(hsm) = serving::installed() else {
         return Ok(());
     };
