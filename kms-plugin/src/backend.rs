@@ -97,3 +97,16 @@ pub enum DecryptError {
     #[error("{0}")]
     Exhausted(String),
 }
+
+/// Runs `f`, which may call into a token (a self-test, a reload's checks),
+/// from an async task without stalling the runtime if the token hangs: on
+/// the multi-threaded runtime the worker hands its other tasks to another
+/// thread for the duration (`block_in_place`). These calls are rare (a
+/// self-test interval, a reload), so that hand-off's cost does not matter;
+/// the per-request calls use the token call threads instead.
+pub fn may_block<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}

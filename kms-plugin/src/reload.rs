@@ -309,7 +309,8 @@ impl Reloader {
                 } => {
                     pending = None;
                     if let Ok(candidate) = result {
-                        self.apply(candidate);
+                        // Self-tests the candidate (token calls).
+                        crate::backend::may_block(|| self.apply(candidate));
                     }
                     std::mem::take(&mut again)
                 }

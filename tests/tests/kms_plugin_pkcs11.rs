@@ -565,6 +565,41 @@ impl StalledToken {
     }
 }
 
+/// The self-test calls the token in the background. With the default one
+/// async worker, a self-test stuck in a stalled token must not take Status
+/// (which kube-apiserver polls) down with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_self_test_stuck_in_a_stalled_token_leaves_status_answering() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let plugin = PluginProcess::start(
+        plugin_options(&hsm, keyring.path())
+            .arg("--self-test-interval")
+            .arg("100ms")
+            .arg("--worker-threads")
+            .arg("1"),
+    )
+    .await?;
+    let before = plugin.status().await?;
+    let stalled = StalledToken::stall(hsm.tokens())?;
+    // Several self-test periods while the token holds every call: Status
+    // answers each time (a bound far above any answer: a stalled worker
+    // fails here instead of hanging the suite).
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let status = tokio::time::timeout(Duration::from_secs(10), plugin.status())
+            .await
+            .map_err(|_| anyhow::anyhow!("Status did not answer while the token stalled"))??;
+        ensure!(status.key_id == before.key_id);
+    }
+    drop(stalled);
+    let made = encrypt(&plugin.client(), &seed(5)).await?;
+    ensure!(decrypt(&plugin.client(), &made.ciphertext, &made.key_id).await? == seed(5));
+    assert!(!plugin.log().contains("panicked"), "{}", plugin.log());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_session_busy_makes_calls_wait_the_bounded_time_then_fail_resource_exhausted()
 -> Result<()> {
