@@ -5,7 +5,9 @@
 # Markdown table of kms-loadgen (ops/s, p50/p99, plugin CPU per call).
 # Needs softhsm2 (scripts/setup.sh installs it). The token lives in a temp dir
 # of its own (SOFTHSM2_CONF is set for the plugin only). Extra arguments go to
-# both kms-loadgen runs, e.g.  scripts/bench-kms-hsm.sh --duration 2s
+# every kms-loadgen run, e.g.  scripts/bench-kms-hsm.sh --duration 2s
+# The token runs twice: with --pkcs11-max-sessions 16 (the default) and with
+# one session per core; SESSIONS="4 8" picks other counts.
 # Results depend on the machine and on whatever else runs on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,24 +35,29 @@ kek="$(SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" keyring add --keyri
   --pkcs11-module "$module" --pkcs11-token atrest --pkcs11-pin-file "$work/pin")"
 "$bin/kms-plugin" keyring promote --keyring "$work/keyring.json" --kek "$kek" >/dev/null
 
-echo "## KEK in SoftHSM2 (PKCS#11, --pkcs11-max-sessions ${SESSIONS:-16})"
-SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" serve --listen "unix://$work/kms.sock" \
-  --keyring "$work/keyring.json" --pkcs11-module "$module" --pkcs11-pin-file "$work/pin" \
-  --pkcs11-max-sessions "${SESSIONS:-16}" 2>"$work/plugin.log" &
-plugin_pid=$!
-for _ in $(seq 100); do
-  "$bin/kms-plugin" probe --listen "unix://$work/kms.sock" >/dev/null 2>&1 && break
-  kill -0 "$plugin_pid" 2>/dev/null || { cat "$work/plugin.log" >&2; exit 1; }
-  sleep 0.1
+# Twice: the default session count (sized for a network HSM's round trips)
+# and one session per core (all an in-process software token can use).
+for sessions in ${SESSIONS:-16 $(nproc)}; do
+  echo "## KEK in SoftHSM2 (PKCS#11, --pkcs11-max-sessions $sessions)"
+  SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" serve --listen "unix://$work/kms.sock" \
+    --keyring "$work/keyring.json" --pkcs11-module "$module" --pkcs11-pin-file "$work/pin" \
+    --pkcs11-max-sessions "$sessions" 2>"$work/plugin.log" &
+  plugin_pid=$!
+  for _ in $(seq 100); do
+    "$bin/kms-plugin" probe --listen "unix://$work/kms.sock" >/dev/null 2>&1 && break
+    kill -0 "$plugin_pid" 2>/dev/null || { cat "$work/plugin.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  "$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
+    --methods encrypt,decrypt "$@"
+  kill "$plugin_pid"; wait "$plugin_pid" 2>/dev/null || true; plugin_pid=""
+  # The plugin's own account of the time spent inside the PKCS#11 module (the
+  # rest of its CPU per call is our overhead: gRPC, envelope, call queue).
+  echo
+  echo "plugin: $(grep -o 'PKCS#11 usage.*' "$work/plugin.log" || echo 'no PKCS#11 usage line')"
+  echo "plugin: $(grep -o 'PKCS#11 call queue.*' "$work/plugin.log" || echo 'no PKCS#11 call queue line')"
+  echo
 done
-"$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
-  --methods encrypt,decrypt "$@"
-kill "$plugin_pid"; wait "$plugin_pid" 2>/dev/null || true; plugin_pid=""
-# The plugin's own account of the time spent inside the PKCS#11 module (the
-# rest of its CPU per call is our overhead: gRPC, envelope, pool).
-echo
-echo "plugin: $(grep -o 'PKCS#11 usage.*' "$work/plugin.log" || echo 'no PKCS#11 usage line')"
 
-echo
 echo "## Local KEK (same machine, same run)"
 "$bin/kms-loadgen" --plugin-bin "$bin/kms-plugin" --methods encrypt,decrypt "$@"
