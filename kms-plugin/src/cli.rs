@@ -223,12 +223,16 @@ pub struct Pkcs11ServeArgs {
     #[command(flatten)]
     /// Module and PIN.
     pub module: Pkcs11ModuleArgs,
-    /// Most token sessions open at once for Encrypt/Decrypt. An apiserver
-    /// restart decrypts every DEK seed it holds at once; 16 sessions keep a
-    /// token busy without exhausting its session table (HSMs allow a few
-    /// hundred per client; several plugins may share one).
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    pub pkcs11_max_sessions: usize,
+    /// Most token sessions open at once for Encrypt/Decrypt (also the
+    /// threads that make those calls). Default: 16 for a hardware slot (a
+    /// network or PCIe HSM, whose calls mostly wait on the device: 16 keep
+    /// it busy through an apiserver restart, which decrypts every DEK seed at
+    /// once, without exhausting its session table when several plugins share
+    /// it); one per CPU for a software token (a slot without CKF_HW_SLOT,
+    /// e.g. SoftHSM2: its calls compute on this host's CPUs, and more
+    /// sessions than CPUs only contend).
+    #[arg(long, value_name = "N")]
+    pub pkcs11_max_sessions: Option<usize>,
     /// How long a call waits for a free session before failing with RESOURCE_EXHAUSTED
     /// (at least 10ms).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = at_least(MIN_SESSION_WAIT))]

@@ -171,7 +171,7 @@ fn add_pkcs11(args: AddArgs) -> ExitCode {
     let config = ModuleConfig {
         module,
         pin,
-        max_sessions: 1,
+        max_sessions: Some(1),
         session_wait: std::time::Duration::from_secs(10),
     };
     let request = AddRequest {

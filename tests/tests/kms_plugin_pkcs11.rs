@@ -438,6 +438,47 @@ async fn a_mixed_keyring_moves_from_a_local_kek_to_a_token_kek_without_losing_da
     Ok(())
 }
 
+/// Without `--pkcs11-max-sessions`, the bound follows the slot's kind:
+/// SoftHSM2's slots are software (no CKF_HW_SLOT), so one session (and one
+/// call thread) per CPU; the flag still wins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_software_token_gets_one_session_per_cpu_unless_the_flag_says_otherwise() -> Result<()> {
+    let hsm = SoftHsm::new("atrest")?;
+    let dir = tempfile::tempdir()?;
+    let keyring = hsm_keyring(&hsm, dir.path()).await?;
+    let cpus = std::thread::available_parallelism()?.get().min(16);
+    let plugin = PluginProcess::start(plugin_options(&hsm, keyring.path()).metrics()).await?;
+    let made = encrypt(&plugin.client(), &seed(4)).await?;
+    ensure!(decrypt(&plugin.client(), &made.ciphertext, &made.key_id).await? == seed(4));
+    let metrics = plugin.metrics().await?;
+    let max = metrics.get("atrest_kms_pkcs11_sessions", &[("state", "max")]);
+    ensure!(
+        max == Some(cpus as f64),
+        "sessions max {max:?}, {cpus} CPUs"
+    );
+    let log = plugin.log();
+    ensure!(log.contains("one per CPU: a software token"), "{log}");
+    ensure!(
+        log.contains(&format!(
+            "PKCS#11 token call threads started threads={cpus}"
+        )),
+        "{log}"
+    );
+    drop(plugin);
+
+    let plugin = PluginProcess::start(
+        plugin_options(&hsm, keyring.path())
+            .metrics()
+            .arg("--pkcs11-max-sessions")
+            .arg("5"),
+    )
+    .await?;
+    let metrics = plugin.metrics().await?;
+    let max = metrics.get("atrest_kms_pkcs11_sessions", &[("state", "max")]);
+    ensure!(max == Some(5.0), "sessions max {max:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn more_callers_than_sessions_all_finish_answered_or_refused_as_exhausted() -> Result<()> {
     let hsm = SoftHsm::new("atrest")?;

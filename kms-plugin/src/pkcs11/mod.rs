@@ -54,6 +54,28 @@ const TAG_BITS: usize = 128;
 /// many times): an estimate, unbiased over many calls.
 pub const CPU_SAMPLE_EVERY: u64 = 16;
 
+/// The most `--pkcs11-max-sessions` may ask for.
+pub const MAX_SESSIONS: usize = 1024;
+
+/// Sessions of a hardware slot by default: enough to keep a network HSM's
+/// round trips overlapping through an apiserver restart burst.
+pub const HARDWARE_SESSIONS: usize = 16;
+
+/// The default session bound for `slot`: [`HARDWARE_SESSIONS`] when the
+/// slot says it is a hardware device (CKF_HW_SLOT), one per CPU otherwise —
+/// a software token (SoftHSM2) computes on this host's CPUs, so more
+/// concurrent calls than CPUs only contend for them (and for the module's
+/// locks). A slot whose kind cannot be read counts as hardware.
+pub fn default_sessions(ctx: &Pkcs11, slot: Slot) -> (usize, &'static str) {
+    match ctx.get_slot_info(slot) {
+        Ok(info) if !info.hardware_slot() => {
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            (cpus.min(HARDWARE_SESSIONS), "one per CPU: a software token")
+        }
+        _ => (HARDWARE_SESSIONS, "a hardware slot"),
+    }
+}
+
 /// The token user PIN. Zeroized on drop; `Debug` never shows it.
 pub struct Pin(Zeroizing<String>);
 
@@ -113,8 +135,9 @@ pub struct ModuleConfig {
     pub module: PathBuf,
     /// The user PIN.
     pub pin: Pin,
-    /// Most sessions open for crypto calls at once.
-    pub max_sessions: usize,
+    /// Most sessions open for crypto calls at once; `None`: by the slot's
+    /// kind ([`default_sessions`]).
+    pub max_sessions: Option<usize>,
     /// How long a call waits for a free session before failing.
     pub session_wait: Duration,
 }
@@ -278,6 +301,8 @@ pub struct Token {
     pool: Mutex<PoolState>,
     freed: Condvar,
     max: usize,
+    /// Where `max` comes from (for the start's log line).
+    max_why: &'static str,
     wait: Duration,
     /// Crypto calls made inside the module, and the time they took there
     /// (this thread's CPU time, and wall time).
@@ -377,6 +402,10 @@ impl Token {
             Err(e) => return Err(module_err(format!("C_Initialize failed: {}", short(&e)))),
         }
         let slot = find_slot(&ctx, label, serial, &config.module)?;
+        let (max, why) = match config.max_sessions {
+            Some(n) => (n.max(1), "--pkcs11-max-sessions"),
+            None => default_sessions(&ctx, slot),
+        };
         let session = login(&ctx, slot, label, &config.pin)?;
         Ok(Token {
             ctx,
@@ -387,7 +416,8 @@ impl Token {
             _login: Mutex::new(session),
             pool: Mutex::new(PoolState::default()),
             freed: Condvar::new(),
-            max: config.max_sessions.max(1),
+            max,
+            max_why: why,
             wait: config.session_wait,
             calls: AtomicU64::new(0),
             inside_nanos: AtomicU64::new(0),
@@ -401,6 +431,16 @@ impl Token {
     /// The token label.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// Its session bound.
+    pub fn max_sessions(&self) -> usize {
+        self.max
+    }
+
+    /// Where the session bound comes from: the flag, or the slot's kind.
+    pub fn max_sessions_reason(&self) -> &'static str {
+        self.max_why
     }
 
     /// After the token went away: drops the idle sessions and, when the login
@@ -885,7 +925,7 @@ mod tests {
             ModuleConfig {
                 module: "/m.so".into(),
                 pin,
-                max_sessions: 1,
+                max_sessions: Some(1),
                 session_wait: Duration::from_secs(1),
             }
         );

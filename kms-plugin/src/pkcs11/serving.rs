@@ -22,7 +22,10 @@ use super::{HsmError, ModuleConfig, Token};
 pub struct Hsm {
     config: ModuleConfig,
     tokens: Mutex<HashMap<TokenName, Arc<Token>>>,
-    calls: CallThreads,
+    /// Started once the first tokens are open (their slots decide the
+    /// default count).
+    calls: OnceLock<CallThreads>,
+    starting: Mutex<()>,
 }
 
 /// A token's label and optional serial.
@@ -30,25 +33,16 @@ type TokenName = (String, Option<String>);
 
 static HSM: OnceLock<Hsm> = OnceLock::new();
 
-/// Sets the process's PKCS#11 configuration and starts its token call
-/// threads (once; later calls are ignored and return `Ok(false)`).
-pub fn install(config: ModuleConfig) -> Result<bool, HsmError> {
-    if HSM.get().is_some() {
-        return Ok(false);
-    }
-    let calls = CallThreads::start(config.max_sessions, config.session_wait).map_err(|e| {
-        HsmError::Module {
-            path: config.module.clone(),
-            reason: format!("cannot start the token call threads: {e}"),
-        }
-    })?;
-    Ok(HSM
-        .set(Hsm {
-            config,
-            tokens: Mutex::new(HashMap::new()),
-            calls,
-        })
-        .is_ok())
+/// Sets the process's PKCS#11 configuration (once; later calls are ignored
+/// and return `false`).
+pub fn install(config: ModuleConfig) -> bool {
+    HSM.set(Hsm {
+        config,
+        tokens: Mutex::new(HashMap::new()),
+        calls: OnceLock::new(),
+        starting: Mutex::new(()),
+    })
+    .is_ok()
 }
 
 /// The configuration, when `--pkcs11-module` was given.
@@ -205,13 +199,48 @@ fn find_and_verify(
 }
 
 impl Hsm {
+    /// Starts the token call threads (once): `--pkcs11-max-sessions`, or
+    /// the largest session bound of the tokens open now (each from its
+    /// slot's kind), or [`super::HARDWARE_SESSIONS`] when none is.
+    pub fn start_calls(&self) -> Result<&CallThreads, HsmError> {
+        if let Some(calls) = self.calls.get() {
+            return Ok(calls);
+        }
+        let _one = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(calls) = self.calls.get() {
+            return Ok(calls);
+        }
+        let threads = self.config.max_sessions.unwrap_or_else(|| {
+            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            tokens
+                .values()
+                .map(|t| t.max_sessions())
+                .max()
+                .unwrap_or(super::HARDWARE_SESSIONS)
+        });
+        let calls = CallThreads::start(threads, self.config.session_wait).map_err(|e| {
+            HsmError::Module {
+                path: self.config.module.clone(),
+                reason: format!("cannot start the token call threads: {e}"),
+            }
+        })?;
+        tracing::info!(threads, "PKCS#11 token call threads started");
+        Ok(self.calls.get_or_init(|| calls))
+    }
+
     /// Runs a call that reaches a token on one of the token call threads
     /// (see [`super::calls`]).
     pub async fn run<T: Send + 'static>(
         &self,
         call: impl FnOnce() -> T + Send + 'static,
     ) -> Offloaded<T> {
-        self.calls.run(call).await
+        match self.start_calls() {
+            Ok(calls) => calls.run(call).await,
+            Err(e) => {
+                tracing::error!(error = %e, "a token call could not be made");
+                Offloaded::Lost
+            }
+        }
     }
 
     /// Why a call that waited in the queue too long was refused (in the
@@ -225,14 +254,14 @@ impl Hsm {
         };
         format!(
             "PKCS#11 session pool of token {labels} exhausted: all {} sessions (--pkcs11-max-sessions) stayed busy for {:?} (--pkcs11-session-wait)",
-            self.calls.threads(),
-            self.calls.wait()
+            self.calls.get().map_or(0, CallThreads::threads),
+            self.config.session_wait
         )
     }
 
     /// The token call queue's account.
     pub fn queue_stats(&self) -> QueueStats {
-        self.calls.stats()
+        self.calls.get().map(CallThreads::stats).unwrap_or_default()
     }
 
     /// The token a reference names, opened (and logged in) on first use.
@@ -260,7 +289,7 @@ impl Hsm {
             .fold(super::TokenStats::default(), super::TokenStats::plus);
         // A call waits for a session in the call queue (one thread per
         // session), or in a token's pool when several tokens share them.
-        let queue = self.calls.stats();
+        let queue = self.queue_stats();
         stats.waits += queue.waits;
         stats.waited += queue.waited;
         stats.exhausted += queue.timed_out;
@@ -270,9 +299,9 @@ impl Hsm {
     /// Logs what every token's crypto calls cost inside the module (at the
     /// end of `serve`): calls, time inside the module per call, peak sessions.
     pub fn log_stats(&self) {
-        let queue = self.calls.stats();
+        let queue = self.queue_stats();
         tracing::info!(
-            threads = self.calls.threads(),
+            threads = self.calls.get().map_or(0, CallThreads::threads),
             queue_waits = queue.waits,
             queue_wait_ms = queue.waited.as_millis(),
             queue_timed_out = queue.timed_out,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use keyring::{KekMaterial, KeyringFile};
 
-use super::{HsmError, ModuleConfig, Pin, serving};
+use super::{HsmError, MAX_SESSIONS, ModuleConfig, Pin, serving};
 use crate::cli::{FlagError, Pkcs11ServeArgs};
 
 /// The validated flags; `None` when no module is configured.
@@ -21,7 +21,10 @@ pub fn from_args(args: &Pkcs11ServeArgs) -> Result<Option<ModuleConfig>, FlagErr
         }
         return Ok(None);
     };
-    if args.pkcs11_max_sessions == 0 || args.pkcs11_max_sessions > 1024 {
+    if args
+        .pkcs11_max_sessions
+        .is_some_and(|n| n == 0 || n > MAX_SESSIONS)
+    {
         return Err(FlagError {
             flag: "--pkcs11-max-sessions",
             reason: "must be between 1 and 1024".into(),
@@ -45,7 +48,7 @@ pub fn from_args(args: &Pkcs11ServeArgs) -> Result<Option<ModuleConfig>, FlagErr
 /// report.
 pub fn start(config: ModuleConfig, path: &Path) -> Result<(), HsmError> {
     let module = config.module.clone();
-    serving::install(config)?;
+    serving::install(config);
     let Some(hsm) = serving::installed() else {
         return Ok(());
     };
@@ -57,14 +60,23 @@ pub fn start(config: ModuleConfig, path: &Path) -> Result<(), HsmError> {
     };
     for kek in file.keks() {
         if let KekMaterial::Pkcs11(reference) = kek.material() {
-            hsm.token(reference)?;
+            let token = hsm.token(reference)?;
             tracing::info!(
                 module = %module.display(),
                 token = %reference.token,
                 kek = kek.number,
+                max_sessions = token.max_sessions(),
+                sessions_by = token.max_sessions_reason(),
                 "PKCS#11 token logged in"
             );
         }
+    }
+    if file
+        .keks()
+        .iter()
+        .any(|k| matches!(k.material(), KekMaterial::Pkcs11(_)))
+    {
+        hsm.start_calls()?;
     }
     Ok(())
 }
