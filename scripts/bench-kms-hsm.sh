@@ -6,8 +6,9 @@
 # Needs softhsm2 (scripts/setup.sh installs it). The token lives in a temp dir
 # of its own (SOFTHSM2_CONF is set for the plugin only). Extra arguments go to
 # every kms-loadgen run, e.g.  scripts/bench-kms-hsm.sh --duration 2s
-# The token runs twice: with --pkcs11-max-sessions 16 (the default) and with
-# one session per core; SESSIONS="4 8" picks other counts.
+# The token runs twice: with the default session bound (one per CPU for a
+# software slot) and with 16 (a hardware slot's default); SESSIONS="4 8"
+# picks other counts ("default" for no flag).
 # Results depend on the machine and on whatever else runs on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +36,20 @@ kek="$(SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" keyring add --keyri
   --pkcs11-module "$module" --pkcs11-token atrest --pkcs11-pin-file "$work/pin")"
 "$bin/kms-plugin" keyring promote --keyring "$work/keyring.json" --kek "$kek" >/dev/null
 
-# Twice: the default session count (sized for a network HSM's round trips)
-# and one session per core (all an in-process software token can use).
-for sessions in ${SESSIONS:-16 $(nproc)}; do
-  echo "## KEK in SoftHSM2 (PKCS#11, --pkcs11-max-sessions $sessions)"
+# Twice: the default session bound (for SoftHSM2, a software slot: one per
+# CPU) and 16 (the default for a hardware slot, sized for a network HSM's
+# round trips).
+for sessions in ${SESSIONS:-default 16}; do
+  flags=()
+  if [ "$sessions" = default ]; then
+    echo "## KEK in SoftHSM2 (PKCS#11, default session bound: one per CPU for a software slot = $(nproc))"
+  else
+    echo "## KEK in SoftHSM2 (PKCS#11, --pkcs11-max-sessions $sessions)"
+    flags=(--pkcs11-max-sessions "$sessions")
+  fi
   SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" serve --listen "unix://$work/kms.sock" \
     --keyring "$work/keyring.json" --pkcs11-module "$module" --pkcs11-pin-file "$work/pin" \
-    --pkcs11-max-sessions "$sessions" 2>"$work/plugin.log" &
+    "${flags[@]}" 2>"$work/plugin.log" &
   plugin_pid=$!
   for _ in $(seq 100); do
     "$bin/kms-plugin" probe --listen "unix://$work/kms.sock" >/dev/null 2>&1 && break
