@@ -22,7 +22,7 @@
 //!   depth ([`Span`]), so widths from a whole resource down to the last
 //!   characters of a name are representable;
 //! - the first request covers the whole prefix (that one `count` is O(n),
-//!   once); the keys it returns give the first width (the span of those keys);
+//!   once); the spread of the keys it returns gives the first width;
 //! - after each response the width is rescaled by `target / keys returned`
 //!   (at most ×4 up, also when the window was empty), so the window follows
 //!   the density of the data: sparse regions are crossed in few requests, a
@@ -31,24 +31,46 @@
 //!   out denser than predicted is truncated and the measured span of the keys
 //!   it returned becomes the next width, so a misprediction costs one
 //!   window's keys, once. That span is measured from the first key returned
-//!   (not from the window's start) when at least [`DENSITY_KEYS`] came back:
-//!   a window widened across a gap (`ns-009` → `ns-010`) lands in the next
-//!   dense stretch, and measured from its start it would size the next
-//!   window by the gap, overshoot the stretch's rest and the next gap, and
-//!   cascade.
+//!   (not from the window's start) when at least [`DENSITY_KEYS`] came back,
+//!   or on the first request: a window that started in a gap would be sized
+//!   by the gap;
+//! - a window is measured from the *next plausible key*, not from where the
+//!   last one ended. Key space has gaps the number line does not know
+//!   about: after `ns-009` comes `ns-010`, and `ns-00:` … `ns-00\xff` (247
+//!   units at that depth, for a step of one from `ns-000` to `ns-001`) hold
+//!   nothing. A window grown ×4 at a time across such a gap lands tens of
+//!   namespaces beyond it (after `ns-019`, into `ns-03x`) and etcd counts all
+//!   their keys to return one page. So the planner learns which bytes each
+//!   key position holds (`Alphabet`; a position is a segment between `/`s
+//!   and an offset in it, so `ns-000` lines up under every resource): where
+//!   the window's start holds a byte above every byte seen at its position,
+//!   the next key increments an earlier position (the next byte seen there,
+//!   or the next digit or letter where the position varies or holds a digit)
+//!   followed by the smallest bytes seen after it (`ns-010/app-0-…`), and the
+//!   window reaches one width beyond *that*. It is only an estimate: every
+//!   window still starts right after the last key read, so a wrong guess
+//!   costs counted keys, never a missed one.
 //!
 //! The sum of the `count`s etcd walks is then a small multiple of n instead
-//! of n²/(2·page). On kube-shaped keys (the README benchmark's shape; the
-//! unit test `simulated_cost_on_kube_shaped_keys` computes it with etcd
-//! 3.4's rules) it is 3.6, 5.1 and 5.3 entries per key at 50k, 250k and 1M
-//! keys, in 153, 260 and 845 requests. With 1 MiB pages and the span measured
-//! from the window's start it was 6.8 at 200k and 8.9 at 1M in 2,743
-//! requests (the README benchmark counted 7.2 and 8.6 on etcd): the overshoot
-//! per gap crossing is a few namespaces' keys, which outgrows a 1 MiB page
-//! once a namespace holds about a page. A 4 MiB budget keeps a page wider than
-//! the clusters of generated names, so the measured spread is the density.
-//! The test `etcd_inspect_scan` pins the bound on a real etcd through
-//! [`ScanStats`] (counted, not timed).
+//! of n²/(2·page), and flat in n. On the README benchmark's keys (the unit
+//! test `simulated_cost_on_kube_shaped_keys` replays the planner on exactly
+//! those keys with etcd 3.4's counting rules, and gets the counts the real
+//! etcd reports, request for request) it is 2.66, 2.62 and 2.71 entries per
+//! key at 100k, 200k and 1M keys, in 158, 205 and 549 requests; on etcd
+//! 2.63 at 200k (210 requests) and 2.70 at 1M (551). Without the learned
+//! positions and with the first width measured from the prefix it was 4.45,
+//! 4.41 and 6.74 (etcd: 4.53, 4.70, 6.72 in 190, 242 and 928 requests): at
+//! 1M a namespace decade holds more than a page, so every decade crossing
+//! counted ~20 namespaces (24,000 keys) for one page, and the second
+//! request, sized from `/registry/` to the first page's last key, counted
+//! the whole prefix again. What remains above 2 (the first request counts
+//! every key once, the windows once more) is the crossing into a resource
+//! never seen before: nothing tells where its keys start, so the window that
+//! finds them is grown across a gap as wide as the distance between the
+//! resource names and counts that resource (0.6 per key here: the Secrets)
+//! — once per resource, so at most once per key in all. The tests in
+//! `etcd_inspect_scan` pin the bounds on a real etcd through [`ScanStats`]
+//! (counted, not timed).
 //!
 //! Other designs measured or considered: ranges per `/registry/<resource>/`
 //! keep counts local but one large resource stays quadratic; a bigger fixed
@@ -61,7 +83,11 @@
 //! A page is sized by a byte budget ([`ScanOptions::page_bytes`]): the key
 //! cap per request is the budget divided by the mean size of the key-values
 //! seen so far, so small objects come in big pages and 100 KiB ConfigMaps in
-//! small ones. `--page-size` ([`ScanOptions::page_keys`]) fixes the cap
+//! small ones. The default budget, 4 MiB, counts the least: on the
+//! benchmark's 1M keys 1, 2, 4 and 8 MiB give 4.78, 3.26, 2.71 and 2.84
+//! entries per key in 1,734, 989, 549 and 361 requests (smaller pages end
+//! inside the clusters of generated names, whose spread then misleads the
+//! next width). `--page-size` ([`ScanOptions::page_keys`]) fixes the cap
 //! instead. A value larger than the budget still gets through (the cap never
 //! goes below one key, and a response refused as too large is retried with
 //! half the keys, down to one). The fetch task runs one page ahead of the
