@@ -54,10 +54,10 @@
 //! The sum of the `count`s etcd walks is then a small multiple of n instead
 //! of n²/(2·page), and flat in n. On the README benchmark's keys (the unit
 //! test `simulated_cost_on_kube_shaped_keys` replays the planner on exactly
-//! those keys with etcd 3.4's counting rules, and gets the counts the real
-//! etcd reports, request for request) it is 2.66, 2.62 and 2.71 entries per
-//! key at 100k, 200k and 1M keys, in 158, 205 and 549 requests; on etcd
-//! 2.63 at 200k (210 requests) and 2.70 at 1M (551). Without the learned
+//! those keys, value sizes approximated, with etcd 3.4's counting rules, and
+//! lands within a few percent of what the real etcd reports) it is 2.66,
+//! 2.62 and 2.71 entries per key at 100k, 200k and 1M keys, in 158, 205 and
+//! 549 requests; on etcd 2.66, 2.63 and 2.70 in 162, 210 and 551. Without the learned
 //! positions and with the first width measured from the prefix it was 4.45,
 //! 4.41 and 6.74 (etcd: 4.53, 4.70, 6.72 in 190, 242 and 928 requests): at
 //! 1M a namespace decade holds more than a page, so every decade crossing
@@ -894,7 +894,7 @@ mod tests {
 
     /// The default engine on the benchmark's key sets of 100k and 1M keys:
     /// 2.66 and 2.71 entries counted per key, in 158 and 549 requests (the
-    /// real etcd counted the same: 2.70 per key in 551 requests at 1M).
+    /// real etcd: 2.66 in 162 and 2.70 in 551; value sizes are approximated).
     /// Before the learned alphabet and with the first width measured from
     /// the prefix it was 4.45 and 6.74 per key in 186 and 924 requests
     /// (etcd: 4.53 and 6.72 in 190 and 928): the growth the benchmark saw.
