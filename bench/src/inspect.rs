@@ -25,7 +25,9 @@
 //! CPU is the restore's, the restored etcd's (from its start) and
 //! etcd-inspect's; the restored etcd's peak RSS is its `VmHWM`.
 //!
-//! It prints tables; it asserts nothing about time.
+//! It prints tables, and for each live etcd-inspect run the requests and the
+//! index entries etcd counted per key (from etcd-inspect's `etcd scan
+//! finished` log line); it asserts nothing about time.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -315,6 +317,43 @@ struct Measured {
     code: i32,
     cpu: f64,
     etcd_cpu: Option<f64>,
+    /// What a live etcd-inspect scan cost etcd, from its log.
+    scan: Option<ScanCost>,
+}
+
+/// The counters of etcd-inspect's `etcd scan finished` log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ScanCost {
+    requests: u64,
+    keys: u64,
+    /// Sum of etcd's `count`s: the index entries etcd 3.4 walked.
+    range_keys: u64,
+}
+
+impl ScanCost {
+    /// The counters in `stderr`, if a live scan logged them.
+    fn parse(stderr: &str) -> Option<Self> {
+        let line = stderr.lines().find(|l| l.contains("etcd scan finished"))?;
+        let field = |name: &str| -> Option<u64> {
+            let at = line.find(&format!(" {name}="))? + name.len() + 2;
+            line[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        };
+        Some(ScanCost {
+            requests: field("requests")?,
+            keys: field("keys")?,
+            range_keys: field("range_keys")?,
+        })
+        .filter(|c| c.keys > 0)
+    }
+
+    fn per_key(&self) -> f64 {
+        self.range_keys as f64 / self.keys.max(1) as f64
+    }
 }
 
 fn run_measured(cmd: &[String], etcd: Option<&ProcessCpu>) -> Result<Measured> {
@@ -325,8 +364,11 @@ fn run_measured(cmd: &[String], etcd: Option<&ProcessCpu>) -> Result<Measured> {
         .args(cmd)
         // etcd-inspect logs its scan counters (requests, keys etcd counted).
         .env("ATREST_LOG", "etcd_inspect=info")
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    let scan = ScanCost::parse(&stderr);
     let etcd_cpu = match (etcd, etcd_before) {
         (Some(p), Some(b)) => Some(p.read()?.saturating_sub(b).as_secs_f64()),
         _ => None,
@@ -347,6 +389,7 @@ fn run_measured(cmd: &[String], etcd: Option<&ProcessCpu>) -> Result<Measured> {
         code: parts[2].parse()?,
         cpu: user + sys,
         etcd_cpu,
+        scan,
     })
 }
 
@@ -742,6 +785,18 @@ pub fn run(f: &Flags) -> Result<()> {
             );
         }
     }
+    // What each live scan cost etcd: the index entries etcd 3.4 walked
+    // (the sum of the `count`s) per key returned, and the requests.
+    println!();
+    for (n, name, m) in &all {
+        if let Some(c) = m.scan {
+            println!(
+                "{name}: {n} keys: {} requests, {:.2} counted per key",
+                c.requests,
+                c.per_key()
+            );
+        }
+    }
     // The growth ratios between the two largest sizes.
     if let [.., small, large] = f.keys.as_slice() {
         println!();
@@ -779,6 +834,28 @@ fn row(keys: i64, name: &str, m: &Measured, etcdctl_wall: Option<f64>) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scan_cost_is_read_from_the_log_line() {
+        let log = "2026-12-06T13:06:15Z  INFO etcd_inspect::run: etcd scan finished \
+                   requests=190 keys=100000 bytes=124594088 range_keys=453175 max_range_keys=100000";
+        let c = ScanCost::parse(log).unwrap();
+        assert_eq!(
+            c,
+            ScanCost {
+                requests: 190,
+                keys: 100_000,
+                range_keys: 453_175
+            }
+        );
+        assert!((c.per_key() - 4.53).abs() < 0.01);
+        // The offline audit logs an empty live scan: no figure.
+        assert_eq!(
+            ScanCost::parse("etcd scan finished requests=0 keys=0 bytes=0 range_keys=0"),
+            None
+        );
+        assert_eq!(ScanCost::parse("nothing"), None);
+    }
 
     #[test]
     fn items_are_deterministic_and_kube_shaped() {
