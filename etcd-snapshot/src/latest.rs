@@ -46,7 +46,7 @@ use std::rc::Rc;
 
 use crate::page::{HEADER, Node};
 use crate::{
-    BucketRoot, ErrorKind, KeyValue, PageRef, Snapshot, SnapshotError, Source, decode_kv, kv_key,
+    BucketRoot, ErrorKind, KeyValue, Snapshot, SnapshotError, Source, decode_kv, kv_key,
     parse_revision,
 };
 
@@ -62,9 +62,14 @@ pub const FANIN: usize = 16;
 const RUN_BUFFER: usize = 16 * 1024;
 
 /// Bytes of an index record's fixed part: key length u32, main i64, sub
-/// i64, leaf page u64, element u16, tombstone u8 (little-endian); the key
-/// follows. The same bytes in memory and in a spilled run.
-const REC_HEAD: usize = 31;
+/// i64, the element's file offset u64, its length u32, flags u8
+/// (little-endian); the key follows. The same bytes in memory and in a
+/// spilled run.
+const REC_HEAD: usize = 33;
+/// Record flag: the revision is a tombstone.
+const TOMBSTONE: u8 = 1;
+/// Record flag: the offset is in the inline `key` bucket's page, not the file.
+const INLINE: u8 = 2;
 
 /// Bytes an index entry costs beyond its key: its fixed part and its
 /// offset in the sort order.
@@ -76,9 +81,12 @@ struct Rec {
     key: Vec<u8>,
     main: i64,
     sub: i64,
-    page: u64,
-    elem: u16,
-    tombstone: bool,
+    /// Where the element (revision key, then value) is: a file offset, or
+    /// an offset in the inline bucket's page.
+    at: u64,
+    /// Revision key and value bytes.
+    len: u32,
+    flags: u8,
 }
 
 /// Key order, and for one key the newest revision first.
@@ -150,7 +158,7 @@ impl Run {
                 && self.order.len() < self.order.capacity())
     }
 
-    fn push(&mut self, key: &[u8], r: (i64, i64, u64, u16, bool)) -> Result<(), ErrorKind> {
+    fn push(&mut self, key: &[u8], r: (i64, i64, u64, u32, u8)) -> Result<(), ErrorKind> {
         let off = u32::try_from(self.arena.len())
             .map_err(|_| spill_err(std::io::Error::other("index run over 4 GiB")))?;
         write_rec(&mut self.arena, key, r)?;
@@ -224,17 +232,17 @@ fn spill_err(e: std::io::Error) -> ErrorKind {
 fn write_rec(
     w: &mut impl Write,
     key: &[u8],
-    r: (i64, i64, u64, u16, bool),
+    r: (i64, i64, u64, u32, u8),
 ) -> Result<(), ErrorKind> {
-    let (main, sub, page, elem, tombstone) = r;
+    let (main, sub, at, elen, flags) = r;
     let len = u32::try_from(key.len()).map_err(|_| spill_err(std::io::Error::other("key over 4 GiB")))?;
     let mut b = [0u8; REC_HEAD];
     b[0..4].copy_from_slice(&len.to_le_bytes());
     b[4..12].copy_from_slice(&main.to_le_bytes());
     b[12..20].copy_from_slice(&sub.to_le_bytes());
-    b[20..28].copy_from_slice(&page.to_le_bytes());
-    b[28..30].copy_from_slice(&elem.to_le_bytes());
-    b[30] = u8::from(tombstone);
+    b[20..28].copy_from_slice(&at.to_le_bytes());
+    b[28..32].copy_from_slice(&elen.to_le_bytes());
+    b[32] = flags;
     w.write_all(&b).map_err(spill_err)?;
     w.write_all(key).map_err(spill_err)
 }
@@ -266,9 +274,9 @@ fn read_rec(r: &mut impl Read) -> Result<Option<Rec>, ErrorKind> {
         key,
         main: i64::from_le_bytes(u(4..12)),
         sub: i64::from_le_bytes(u(12..20)),
-        page: u64::from_le_bytes(u(20..28)),
-        elem: u16::from_le_bytes([b[28], b[29]]),
-        tombstone: b[30] != 0,
+        at: u64::from_le_bytes(u(20..28)),
+        len: u32::from_le_bytes([b[28], b[29], b[30], b[31]]),
+        flags: b[32],
     }))
 }
 
@@ -394,7 +402,7 @@ impl Spill {
                 if last.as_deref() == Some(r.key.as_slice()) {
                     continue;
                 }
-                write_rec(&mut w, &r.key, (r.main, r.sub, r.page, r.elem, r.tombstone))?;
+                write_rec(&mut w, &r.key, (r.main, r.sub, r.at, r.len, r.flags))?;
                 last = Some(r.key);
             }
             w.flush().map_err(spill_err)?;
@@ -414,8 +422,11 @@ pub struct Latest<'a, S: Source> {
     revision: i64,
     merge: Merge,
     last_key: Option<Vec<u8>>,
-    /// The leaf last read for a value (neighbouring keys often share it).
-    leaf: Option<Rc<Node>>,
+    /// The inline `key` bucket's page (a small database), whose elements
+    /// have no file offset.
+    inline: Option<Rc<Node>>,
+    /// The element last read.
+    buf: Vec<u8>,
     stats: LatestStats,
     done: bool,
     /// Dropped last: removes the spilled runs.
@@ -443,33 +454,32 @@ impl<S: Source> Latest<'_, S> {
         self.stats
     }
 
-    /// The value of a winning entry, read at its recorded location.
+    /// The value of a winning entry, read at its recorded location: one
+    /// positioned read of exactly its bytes (no page header, no neighbours).
     fn value(&mut self, r: &Rec) -> Result<KeyValue, ErrorKind> {
         let changed = |what: &str| ErrorKind::BadKeyValue {
             main: r.main,
             sub: r.sub,
             reason: format!("the revision's {what} changed between two reads"),
         };
-        let leaf = match &self.leaf {
-            Some(n) if n.id == r.page => Rc::clone(n),
-            _ => {
-                let (_, data) = self.snap.read_pages(r.page, PageRef::Tree)?;
-                let n = Rc::new(Node::new(r.page, false, data)?);
-                if !n.is_leaf() {
-                    return Err(changed("page"));
-                }
-                self.leaf = Some(Rc::clone(&n));
-                n
-            }
+        let len = r.len as usize;
+        let elem: &[u8] = if r.flags & INLINE != 0 {
+            let at = usize::try_from(r.at).map_err(|_| changed("location"))?;
+            self.inline
+                .as_ref()
+                .and_then(|n| n.data.get(at..at.checked_add(len)?))
+                .ok_or_else(|| changed("location"))?
+        } else {
+            self.buf.resize(len, 0);
+            self.snap.src.read_exact_at(&mut self.buf, r.at)?;
+            &self.buf
         };
-        if usize::from(r.elem) >= leaf.count() {
-            return Err(changed("page"));
-        }
-        let e = leaf.leaf(usize::from(r.elem))?;
-        if parse_revision(e.key) != Some((r.main, r.sub, r.tombstone)) {
+        // A live revision's key is 17 bytes (18 is a tombstone's).
+        let (rev, value) = elem.split_at(17.min(elem.len()));
+        if parse_revision(rev) != Some((r.main, r.sub, false)) {
             return Err(changed("location"));
         }
-        let kv = decode_kv(e.value, r.main, r.sub)?;
+        let kv = decode_kv(value, r.main, r.sub)?;
         if kv.key != r.key {
             return Err(changed("key"));
         }
@@ -481,7 +491,7 @@ impl<S: Source> Latest<'_, S> {
             if self.last_key.as_deref() == Some(r.key.as_slice()) {
                 continue; // an older revision of the key just yielded
             }
-            let kv = if r.tombstone {
+            let kv = if r.flags & TOMBSTONE != 0 {
                 None
             } else {
                 Some(self.value(&r)?)
@@ -678,11 +688,16 @@ impl<S: Source> Snapshot<S> {
             if !key.starts_with(prefix) {
                 continue;
             }
-            let elem = u16::try_from(i).map_err(|_| ErrorKind::BadPage {
+            let elen = u32::try_from(ksize + vsize).map_err(|_| ErrorKind::BadPage {
                 page: node.id,
-                what: "more than 65535 elements".into(),
+                what: format!("element {i} is over 4 GiB"),
             })?;
-            let leaf_page = node.id;
+            let (at, flags) = if node.inline {
+                (rev_at as u64, INLINE)
+            } else {
+                (node.id * ps + rev_at as u64, 0)
+            };
+            let flags = flags | if tombstone { TOMBSTONE } else { 0 };
             if !run.fits(key.len()) {
                 let s = match &mut spill {
                     Some(s) => s,
@@ -698,7 +713,7 @@ impl<S: Source> Snapshot<S> {
                     stats.spilled_runs += s.made - before;
                 }
             }
-            run.push(key, (main, sub, leaf_page, elem, tombstone))?;
+            run.push(key, (main, sub, at, elen, flags))?;
             stats.max_keys_held = stats.max_keys_held.max(run.order.len() as u64);
             stats.max_index_bytes = stats.max_index_bytes.max(run.held() as u64);
         }
@@ -717,7 +732,7 @@ impl<S: Source> Snapshot<S> {
         // An inline bucket (a small database) has no page of its own: its
         // entries' location is the parent's page id, and the value reads
         // below always find its node here.
-        let leaf = match root {
+        let inline = match root {
             BucketRoot::Inline(_) => Some(self.root_node(root, page)?),
             BucketRoot::Page(_) => None,
         };
@@ -727,7 +742,8 @@ impl<S: Source> Snapshot<S> {
                 revision,
                 merge,
                 last_key: None,
-                leaf,
+                inline,
+                buf: Vec::new(),
                 stats,
                 done: false,
                 _spill: spill,
