@@ -229,13 +229,10 @@ fn spill_err(e: std::io::Error) -> ErrorKind {
     ErrorKind::Spill(e)
 }
 
-fn write_rec(
-    w: &mut impl Write,
-    key: &[u8],
-    r: (i64, i64, u64, u32, u8),
-) -> Result<(), ErrorKind> {
+fn write_rec(w: &mut impl Write, key: &[u8], r: (i64, i64, u64, u32, u8)) -> Result<(), ErrorKind> {
     let (main, sub, at, elen, flags) = r;
-    let len = u32::try_from(key.len()).map_err(|_| spill_err(std::io::Error::other("key over 4 GiB")))?;
+    let len =
+        u32::try_from(key.len()).map_err(|_| spill_err(std::io::Error::other("key over 4 GiB")))?;
     let mut b = [0u8; REC_HEAD];
     b[0..4].copy_from_slice(&len.to_le_bytes());
     b[4..12].copy_from_slice(&main.to_le_bytes());

@@ -33,11 +33,11 @@ mod error;
 mod latest;
 pub mod page;
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -611,7 +611,9 @@ impl<S: Source> Snapshot<S> {
                 if h.id == id
                     && h.flags == page::LEAF
                     && h.overflow > 0
-                    && id.checked_add(u64::from(h.overflow) + 1).is_some_and(|e| e <= pages) =>
+                    && id
+                        .checked_add(u64::from(h.overflow) + 1)
+                        .is_some_and(|e| e <= pages) =>
             {
                 match Node::new(id, false, data) {
                     Ok(n) => Ok(Rc::new(n)),

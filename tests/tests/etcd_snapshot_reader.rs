@@ -16,7 +16,10 @@ use snapshot_kit::{GetKv, MemberEtcd, etcdctl_get_all, snapshot_save, write_hist
 fn latest_of(s: &Snapshot<impl etcd_snapshot::Source>) -> (i64, Vec<GetKv>) {
     let (rev, kvs, stats) = latest_with_budget(s, etcd_snapshot::DEFAULT_INDEX_BYTES);
     assert_eq!(stats.passes, 1, "one read of the bucket");
-    assert_eq!(stats.spilled_runs, 0, "a small file's index stays in memory");
+    assert_eq!(
+        stats.spilled_runs, 0,
+        "a small file's index stays in memory"
+    );
     (rev, kvs)
 }
 
@@ -116,14 +119,25 @@ fn snapshot_save_file_reads_like_etcdctl_get() {
         stats.max_keys_held as usize <= budget / etcd_snapshot::INDEX_ENTRY_BYTES,
         "{stats:?}"
     );
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "temp dir removed");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "temp dir removed"
+    );
     // More runs than are merged at once: merged in two levels.
     let (rev, tiny, stats) = latest_in(&s, 512, tmp.path());
     assert_eq!(rev, want_rev);
     assert_same(&tiny, &want);
     eprintln!("budget 512: {stats:?}");
-    assert!(stats.spilled_runs > 2 * etcd_snapshot::FANIN as u64, "{stats:?}");
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "temp dir removed");
+    assert!(
+        stats.spilled_runs > 2 * etcd_snapshot::FANIN as u64,
+        "{stats:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "temp dir removed"
+    );
     // Stopped after one key: the temp dir is removed too, and while the
     // view is open it is private (0700).
     {
@@ -142,7 +156,11 @@ fn snapshot_save_file_reads_like_etcdctl_get() {
         let mode = std::fs::metadata(&dirs[0]).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "temp dir removed");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "temp dir removed"
+    );
 
     let meta = s.mvcc_meta().unwrap();
     assert_eq!(meta.finished_compact_rev, Some(compacted_at));
