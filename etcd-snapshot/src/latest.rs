@@ -370,7 +370,13 @@ impl Spill {
     fn create(&mut self) -> Result<(PathBuf, BufWriter<File>), ErrorKind> {
         let path = self.dir.path().join(format!("run-{}", self.made));
         self.made += 1;
-        let f = File::create_new(&path).map_err(spill_err)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(spill_err)?;
         Ok((path, BufWriter::with_capacity(RUN_BUFFER, f)))
     }
 
