@@ -174,6 +174,9 @@ impl Run {
         Ok(())
     }
 
+    /// The key and revision of the record at `off`. Slicing cannot fail:
+    /// `off` comes from `order`, which holds only offsets `push` wrote a
+    /// whole record at (header, then exactly `len` key bytes).
     fn key_at(arena: &[u8], off: u32) -> (&[u8], i64, i64) {
         let o = off as usize;
         let h = &arena[o..o + REC_HEAD];
