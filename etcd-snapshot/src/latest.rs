@@ -63,7 +63,7 @@ use crate::{
 /// under 40 MiB RSS with it).
 pub const DEFAULT_INDEX_BYTES: usize = 16 * 1024 * 1024;
 
-/// Spilled runs merged at once (each read through a [`RUN_BUFFER`]).
+/// Spilled runs merged at once (each read through a 16 KiB buffer).
 pub const FANIN: usize = 16;
 
 /// Read and write buffer of one spilled run.
