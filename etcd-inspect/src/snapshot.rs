@@ -97,7 +97,9 @@ fn read_pages(
     view: View,
     tx: &mpsc::Sender<Result<FilePage, SnapshotError>>,
 ) -> Result<(), SnapshotError> {
-    let snap = Snapshot::open(path)?;
+    // The appended SHA-256 is checked on its own thread while the index
+    // pass runs; `latest` waits for it before the first value.
+    let snap = Snapshot::open_concurrent(path)?;
     // Both views start from the latest one: it gives the file's revision.
     let latest = snap.latest(prefix)?;
     let revision = latest.revision();

@@ -112,6 +112,10 @@ pub enum ErrorKind {
         /// The decoder's reason (names fields, never bytes).
         reason: String,
     },
+    /// The latest view's index could not be spilled to or read back from
+    /// its private temp dir (under `TMPDIR`).
+    #[error("cannot write or read the temporary index of the latest view (under TMPDIR): {0}")]
+    Spill(std::io::Error),
     /// A value in the `meta` bucket has the wrong length.
     #[error("`meta` bucket: {name} is {len} bytes, expected {expected}")]
     BadMetaValue {

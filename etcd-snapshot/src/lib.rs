@@ -17,10 +17,12 @@
 //! (a file whose length is 32 bytes past a multiple of 512 has one; a
 //! member's db has none).
 //!
-//! Reads are positioned reads of single pages (no mmap, no `unsafe`):
-//! memory is a few pages, the upper branch pages (at most 4 MiB) and, for
-//! [`Snapshot::latest`], an index of key → newest revision bounded by a
-//! byte budget (a larger key space takes more passes, not more memory).
+//! Reads are positioned reads of pages (no mmap, no `unsafe`): memory is
+//! a few pages, the upper branch pages (at most 4 MiB) and, for
+//! [`Snapshot::latest`], an index of (key, revision, value location)
+//! bounded by a byte budget: one read of the `key` bucket, sorted runs
+//! spilled to a private temp dir when the index outgrows the budget, then a
+//! merge in key order (see [`Latest`]; the design and why: `latest.rs`).
 //! Every page id and offset is
 //! bounds-checked and tree walks carry a cycle guard: a corrupt file is an
 //! [`SnapshotError`] naming the file and what is wrong, never a panic.
@@ -28,18 +30,24 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod error;
+mod latest;
 pub mod page;
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use sha2::{Digest, Sha256};
 
 pub use error::{ErrorKind, MetaProblem, SnapshotError};
+pub use latest::{
+    DEFAULT_INDEX_BYTES, FANIN, INDEX_ENTRY_BYTES, Latest, LatestOptions, LatestStats,
+};
 use page::{BucketRoot, HEADER, Meta, Node};
 
 /// The deepest tree accepted (a real bolt tree of a few TiB is < 10 levels).
@@ -117,6 +125,54 @@ pub struct Snapshot<S: Source = FileSource> {
     integrity: Integrity,
     /// Branch pages already read (bounded by [`BRANCH_CACHE_BYTES`]).
     branches: std::cell::RefCell<std::collections::HashMap<u64, Rc<Node>>>,
+    /// The appended SHA-256's check when it runs on its own thread.
+    sha: RefCell<ShaCheck>,
+}
+
+/// Where the SHA-256 check of a [`Snapshot::open_concurrent`] file stands.
+#[derive(Debug)]
+enum ShaCheck {
+    /// Checked (or nothing to check).
+    Done,
+    /// Hashing on its own thread; `stop` ends it early when the snapshot
+    /// is dropped.
+    Running {
+        thread: std::thread::JoinHandle<Result<(), ErrorKind>>,
+        stop: Arc<AtomicBool>,
+    },
+    /// Failed: the message, and whether it was a mismatch.
+    Failed(String, bool),
+}
+
+impl<S: Source> Drop for Snapshot<S> {
+    fn drop(&mut self) {
+        if let ShaCheck::Running { stop, .. } = &*self.sha.borrow() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hashes the database bytes and compares with the appended SHA-256;
+/// stops early (with an error nobody reads) when `stop` is set.
+fn sha256_check(src: &impl Source, db_len: u64, stop: &AtomicBool) -> Result<(), ErrorKind> {
+    let mut want = [0u8; 32];
+    src.read_exact_at(&mut want, db_len)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < db_len {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ErrorKind::Io(std::io::Error::other("stopped")));
+        }
+        let n = (db_len - off).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], off)?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    if h.finalize().as_slice() != want {
+        return Err(ErrorKind::Sha256Mismatch);
+    }
+    Ok(())
 }
 
 /// One revision of a key, as stored in the `key` bucket.
@@ -237,9 +293,66 @@ impl Snapshot<FileSource> {
     }
 }
 
+impl Snapshot<FileSource> {
+    /// [`open`](Snapshot::open), but the appended SHA-256 is checked on its
+    /// own thread (a second `pread` stream over the file) while the caller
+    /// starts reading: on two cores the hash costs no wall time. Every
+    /// method that returns data waits for the check first (the latest
+    /// view: after its index pass, before the first value), so a file whose
+    /// SHA-256 does not match still yields nothing but that error; an error
+    /// found while reading a file whose SHA-256 does not match is reported
+    /// as the mismatch.
+    pub fn open_concurrent(path: impl AsRef<Path>) -> Result<Self, SnapshotError> {
+        let path = path.as_ref().to_owned();
+        let err = |kind: ErrorKind| SnapshotError {
+            path: path.clone(),
+            kind,
+        };
+        let file = File::open(&path).map_err(|e| err(e.into()))?;
+        let md = file.metadata().map_err(|e| err(e.into()))?;
+        if !md.is_file() {
+            return Err(err(ErrorKind::Io(std::io::Error::other(
+                "not a regular file",
+            ))));
+        }
+        let hashing = FileSource {
+            file: file.try_clone().map_err(|e| err(e.into()))?,
+            len: md.len(),
+        };
+        let s = Snapshot::from_source_unhashed(
+            FileSource {
+                file,
+                len: md.len(),
+            },
+            path,
+        )?;
+        if s.integrity == Integrity::Sha256Verified {
+            let stop = Arc::new(AtomicBool::new(false));
+            let db_len = s.db_len;
+            let flag = Arc::clone(&stop);
+            let thread = std::thread::Builder::new()
+                .name("snapshot-sha256".into())
+                .spawn(move || sha256_check(&hashing, db_len, &flag))
+                .map_err(|e| s.err(e.into()))?;
+            *s.sha.borrow_mut() = ShaCheck::Running { thread, stop };
+        }
+        Ok(s)
+    }
+}
+
 impl<S: Source> Snapshot<S> {
-    /// Validates a snapshot held by `src`; `path` names it in errors.
+    /// Validates a snapshot held by `src` (meta pages, length, appended
+    /// SHA-256); `path` names it in errors.
     pub fn from_source(src: S, path: PathBuf) -> Result<Self, SnapshotError> {
+        let s = Self::from_source_unhashed(src, path)?;
+        if s.integrity == Integrity::Sha256Verified {
+            sha256_check(&s.src, s.db_len, &AtomicBool::new(false)).map_err(|k| s.err(k))?;
+        }
+        Ok(s)
+    }
+
+    /// Validates the meta pages and length; the SHA-256 is left to the caller.
+    fn from_source_unhashed(src: S, path: PathBuf) -> Result<Self, SnapshotError> {
         match Self::validate(&src) {
             Ok((meta, db_len, integrity)) => Ok(Snapshot {
                 src,
@@ -248,8 +361,40 @@ impl<S: Source> Snapshot<S> {
                 db_len,
                 integrity,
                 branches: Default::default(),
+                sha: RefCell::new(ShaCheck::Done),
             }),
             Err(kind) => Err(SnapshotError { path, kind }),
+        }
+    }
+
+    /// Waits for a SHA-256 check running on its own thread
+    /// ([`Snapshot::open_concurrent`]); every method that returns data from
+    /// the file calls it first, so nothing is returned from a file whose
+    /// SHA-256 does not match. A no-op for [`Snapshot::open`].
+    fn sha_gate(&self) -> Result<(), ErrorKind> {
+        let mut sha = self.sha.borrow_mut();
+        match std::mem::replace(&mut *sha, ShaCheck::Done) {
+            ShaCheck::Done => Ok(()),
+            ShaCheck::Running { thread, .. } => {
+                let r = thread.join().unwrap_or_else(|_| {
+                    Err(ErrorKind::Io(std::io::Error::other(
+                        "the SHA-256 thread stopped",
+                    )))
+                });
+                if let Err(e) = &r {
+                    *sha = ShaCheck::Failed(e.to_string(), matches!(e, ErrorKind::Sha256Mismatch));
+                }
+                r
+            }
+            ShaCheck::Failed(msg, mismatch) => {
+                let e = if mismatch {
+                    ErrorKind::Sha256Mismatch
+                } else {
+                    ErrorKind::Io(std::io::Error::other(msg.clone()))
+                };
+                *sha = ShaCheck::Failed(msg, mismatch);
+                Err(e)
+            }
         }
     }
 
@@ -330,20 +475,6 @@ impl<S: Source> Snapshot<S> {
             });
         }
         let integrity = if has_sha {
-            let mut want = [0u8; 32];
-            src.read_exact_at(&mut want, db_len)?;
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut off = 0u64;
-            while off < db_len {
-                let n = (db_len - off).min(buf.len() as u64) as usize;
-                src.read_exact_at(&mut buf[..n], off)?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-            if h.finalize().as_slice() != want {
-                return Err(ErrorKind::Sha256Mismatch);
-            }
             Integrity::Sha256Verified
         } else {
             Integrity::NoSha256
@@ -361,7 +492,9 @@ impl<S: Source> Snapshot<S> {
         &self.meta
     }
 
-    /// Whether an appended SHA-256 was verified.
+    /// Whether an appended SHA-256 was verified (for
+    /// [`open_concurrent`](Snapshot::open_concurrent): whether the file
+    /// carries one, verified before any method returns data).
     pub fn integrity(&self) -> Integrity {
         self.integrity
     }
@@ -381,6 +514,7 @@ impl<S: Source> Snapshot<S> {
     /// Reads the raw bytes of page `id` (one page, no overflow) — for
     /// scanning free pages. Never returns bytes past the database.
     pub fn raw_page(&self, id: u64) -> Result<Vec<u8>, SnapshotError> {
+        self.sha_gate().map_err(|k| self.err(k))?;
         if id >= self.pages_held() {
             return Err(self.err(ErrorKind::PageOutOfRange {
                 page: id,
@@ -454,6 +588,44 @@ impl<S: Source> Snapshot<S> {
         Ok(node)
     }
 
+    /// [`node`](Self::node), but a leaf with overflow pages is read
+    /// without them when its element headers fit its first page: the
+    /// caller reads what it needs of a large value from the file.
+    fn node_head(&self, id: u64, from: PageRef) -> Result<Rc<Node>, ErrorKind> {
+        if let Some(n) = self.branches.borrow().get(&id) {
+            return Ok(Rc::clone(n));
+        }
+        let pages = self.meta.pgid;
+        if id < 2 || id >= pages {
+            return Err(ErrorKind::PageOutOfRange {
+                page: id,
+                from: from.to_string(),
+                pages,
+            });
+        }
+        let ps = u64::from(self.meta.page_size);
+        let mut data = vec![0u8; ps as usize];
+        self.src.read_exact_at(&mut data, id * ps)?;
+        match page::Header::parse(&data) {
+            Some(h)
+                if h.id == id
+                    && h.flags == page::LEAF
+                    && h.overflow > 0
+                    && id
+                        .checked_add(u64::from(h.overflow) + 1)
+                        .is_some_and(|e| e <= pages) =>
+            {
+                match Node::new(id, false, data) {
+                    Ok(n) => Ok(Rc::new(n)),
+                    // Element headers past the first page: read it whole.
+                    Err(_) => self.node(id, from),
+                }
+            }
+            // Everything else (and every error) as a whole read does it.
+            _ => self.node(id, from),
+        }
+    }
+
     fn root_node(&self, root: &BucketRoot, parent: u64) -> Result<Rc<Node>, ErrorKind> {
         match root {
             BucketRoot::Page(id) => self.node(*id, PageRef::Bucket(parent)),
@@ -472,6 +644,7 @@ impl<S: Source> Snapshot<S> {
             snap: self,
             stack: vec![(node, 0)],
             seen,
+            head_only: false,
         })
     }
 
@@ -523,14 +696,18 @@ impl<S: Source> Snapshot<S> {
     }
 
     fn top_bucket(&self, name: &'static str) -> Result<(BucketRoot, u64), SnapshotError> {
+        self.top_bucket_kind(name).map_err(|k| self.err(k))
+    }
+
+    fn top_bucket_kind(&self, name: &'static str) -> Result<(BucketRoot, u64), ErrorKind> {
         let root = BucketRoot::Page(self.meta.root);
-        self.find_bucket(&root, self.meta.root, name.as_bytes())
-            .map_err(|k| self.err(k))?
-            .ok_or_else(|| self.err(ErrorKind::NoBucket(name)))
+        self.find_bucket(&root, self.meta.root, name.as_bytes())?
+            .ok_or(ErrorKind::NoBucket(name))
     }
 
     /// The `meta` bucket's compaction marks and consistent index.
     pub fn mvcc_meta(&self) -> Result<MvccMeta, SnapshotError> {
+        self.sha_gate().map_err(|k| self.err(k))?;
         let (meta, page) = self.top_bucket("meta")?;
         let get = |name: &'static str| {
             self.get(&meta, page, name.as_bytes())
@@ -571,6 +748,7 @@ impl<S: Source> Snapshot<S> {
 
     /// Every revision in the `key` bucket, in revision order.
     pub fn revisions(&self) -> Result<Revisions<'_, S>, SnapshotError> {
+        self.sha_gate().map_err(|k| self.err(k))?;
         let (root, page) = self.top_bucket("key")?;
         let cursor = self.cursor(&root, page).map_err(|k| self.err(k))?;
         Ok(Revisions {
@@ -580,56 +758,10 @@ impl<S: Source> Snapshot<S> {
         })
     }
 
-    /// The latest revision of every live key starting with `prefix`, in key
-    /// order, and the file's revision: what a range read at the file's
-    /// latest revision returns. Memory is bounded by [`DEFAULT_INDEX_BYTES`]
-    /// whatever the number of keys (see [`latest_with_budget`](Self::latest_with_budget)).
-    pub fn latest(&self, prefix: &[u8]) -> Result<Latest<'_, S>, SnapshotError> {
-        self.latest_with_budget(prefix, DEFAULT_INDEX_BYTES)
-    }
-
-    /// [`latest`](Self::latest) with an index of at most about `index_bytes`.
-    ///
-    /// The `key` bucket is in revision order, so the newest revision of a
-    /// key is only known once every revision has been seen. Each pass over
-    /// the bucket indexes key → newest revision for the keys in `[lo, hi)`:
-    /// it starts with `hi` open and, whenever the index outgrows its budget,
-    /// drops its largest key and lowers `hi` to it, so at the end of the pass
-    /// it holds exactly the keys in `[lo, hi)`, complete. Those are looked up
-    /// and yielded in key order, then the next pass starts at `lo = hi`. A
-    /// file whose keys fit the budget is read in one pass (plus the
-    /// lookups); a larger one in about `keys × entry size / index_bytes`
-    /// passes, each a sequential read of the bucket. [`Latest::stats`] tells
-    /// how many passes were made and the most keys held at once.
-    pub fn latest_with_budget(
-        &self,
-        prefix: &[u8],
-        index_bytes: usize,
-    ) -> Result<Latest<'_, S>, SnapshotError> {
-        let (root, page) = self.top_bucket("key")?;
-        let mut latest = Latest {
-            snap: self,
-            root,
-            page,
-            revision: 0,
-            prefix: prefix.to_vec(),
-            index_bytes: index_bytes.max(1),
-            keys: BTreeMap::new().into_iter(),
-            next_lo: None,
-            stats: LatestStats::default(),
-        };
-        let mut revision = latest.pass(prefix).map_err(|k| self.err(k))?;
-        // A compaction past the last write leaves etcd at the compaction's revision.
-        if let Some(c) = self.mvcc_meta()?.finished_compact_rev {
-            revision = revision.max(c);
-        }
-        latest.revision = revision;
-        Ok(latest)
-    }
-
     /// Free pages: listed in the freelist, reached by no bucket, or past the
     /// high-water mark. Walks every bucket once (memory: one bit per page).
     pub fn free_pages(&self) -> Result<Vec<FreeRange>, SnapshotError> {
+        self.sha_gate().map_err(|k| self.err(k))?;
         let e = |k| self.err(k);
         let mut used = PageSet::new(self.meta.pgid);
         used.insert(0).map_err(e)?;
@@ -829,6 +961,9 @@ struct Cursor<'a, S: Source> {
     snap: &'a Snapshot<S>,
     stack: Vec<(Rc<Node>, usize)>,
     seen: PageSet,
+    /// Leaves with overflow pages are read without them (their elements
+    /// are read from the file as needed): the latest view's index pass.
+    head_only: bool,
 }
 
 /// The `key` field (1) of an encoded `mvccpb.KeyValue`, borrowed.
@@ -886,7 +1021,12 @@ impl<S: Source> Cursor<'_, S> {
                 return Err(ErrorKind::TooDeep(MAX_DEPTH, child));
             }
             self.seen.insert(child)?;
-            let child = self.snap.node(child, PageRef::Branch(parent))?;
+            let from = PageRef::Branch(parent);
+            let child = if self.head_only {
+                self.snap.node_head(child, from)?
+            } else {
+                self.snap.node(child, from)?
+            };
             self.stack.push((child, 0));
         }
     }
@@ -901,17 +1041,6 @@ impl<S: Source> Cursor<'_, S> {
             // `advance` returned with a leaf on top of the stack.
             None => Ok(None),
         }
-    }
-
-    /// Calls `f` with every leaf entry (flags, key, value), borrowed.
-    fn for_each(
-        &mut self,
-        mut f: impl FnMut(u32, &[u8], &[u8]) -> Result<(), ErrorKind>,
-    ) -> Result<(), ErrorKind> {
-        while let Some(e) = self.next_leaf()? {
-            f(e.flags, e.key, e.value)?;
-        }
-        Ok(())
     }
 
     /// The next leaf entry: (flags, key, value).
@@ -980,167 +1109,6 @@ fn decode_kv(value: &[u8], main: i64, sub: i64) -> Result<KeyValue, ErrorKind> {
         sub,
         reason: e.to_string(),
     })
-}
-
-/// Index bytes of [`Snapshot::latest`]: about 180,000 keys of a
-/// kube-shaped key space per pass (`etcd-inspect snapshot` peaks near
-/// 40 MiB RSS with it; each pass re-reads the whole `key` bucket).
-pub const DEFAULT_INDEX_BYTES: usize = 24 * 1024 * 1024;
-
-/// Bytes an index entry costs beyond its key: the key's `Vec` and
-/// allocation, the revision, the B-tree's share (an estimate on the high side).
-const INDEX_ENTRY_OVERHEAD: usize = 96;
-
-/// What [`Latest`] has done so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LatestStats {
-    /// Passes over the `key` bucket.
-    pub passes: u64,
-    /// The most keys held in the index at once.
-    pub max_keys_held: u64,
-    /// The most index bytes (estimated) held at once.
-    pub max_index_bytes: u64,
-}
-
-/// The live keys at the file's latest revision, in key order.
-pub struct Latest<'a, S: Source> {
-    snap: &'a Snapshot<S>,
-    root: BucketRoot,
-    page: u64,
-    revision: i64,
-    prefix: Vec<u8>,
-    index_bytes: usize,
-    /// The current pass's keys: key → (main, sub, tombstone).
-    keys: std::collections::btree_map::IntoIter<Vec<u8>, (i64, i64, bool)>,
-    /// Where the next pass starts (`None`: the current pass reached the end).
-    next_lo: Option<Vec<u8>>,
-    stats: LatestStats,
-}
-
-impl<S: Source> std::fmt::Debug for Latest<'_, S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Latest")
-            .field("revision", &self.revision)
-            .field("remaining_in_pass", &self.keys.len())
-            .field("stats", &self.stats)
-            .finish()
-    }
-}
-
-impl<S: Source> Latest<'_, S> {
-    /// The file's revision: the newest revision in the `key` bucket, or the
-    /// last finished compaction when that is newer.
-    pub fn revision(&self) -> i64 {
-        self.revision
-    }
-
-    /// Passes made and the most keys held at once, so far.
-    pub fn stats(&self) -> LatestStats {
-        self.stats
-    }
-
-    /// One pass over the `key` bucket indexing the keys in `[lo, hi)` (see
-    /// [`Snapshot::latest_with_budget`]); returns the newest revision seen.
-    fn pass(&mut self, lo: &[u8]) -> Result<i64, ErrorKind> {
-        let snap = self.snap;
-        let mut cursor = snap.cursor(&self.root, self.page)?;
-        let mut index: BTreeMap<Vec<u8>, (i64, i64, bool)> = BTreeMap::new();
-        let mut held_bytes = 0usize;
-        let mut hi: Option<Vec<u8>> = None;
-        let mut revision = 0i64;
-        let mut n = 0u64;
-        let prefix = self.prefix.as_slice();
-        let budget = self.index_bytes;
-        let mut max_keys = 0u64;
-        let mut max_bytes = 0u64;
-        // Only the key field of each KeyValue is decoded here; values are
-        // read again, one at a time, by the lookups in key order.
-        cursor.for_each(|_, rev, value| {
-            let (main, sub, tombstone) = parse_revision(rev).ok_or(ErrorKind::BadRevision {
-                index: n,
-                len: rev.len(),
-            })?;
-            n += 1;
-            revision = revision.max(main);
-            let key =
-                kv_key(value).map_err(|reason| ErrorKind::BadKeyValue { main, sub, reason })?;
-            if !key.starts_with(prefix) || key < lo || hi.as_deref().is_some_and(|h| key >= h) {
-                return Ok(());
-            }
-            match index.get_mut(key) {
-                Some(slot) if (main, sub) < (slot.0, slot.1) => {}
-                Some(slot) => *slot = (main, sub, tombstone),
-                None => {
-                    index.insert(key.to_vec(), (main, sub, tombstone));
-                    held_bytes += key.len() + INDEX_ENTRY_OVERHEAD;
-                    max_keys = max_keys.max(index.len() as u64);
-                    max_bytes = max_bytes.max(held_bytes as u64);
-                    // Over budget: give up the largest keys; they come in a
-                    // later pass. At least one key always stays, so each
-                    // pass makes progress.
-                    while held_bytes > budget && index.len() > 1 {
-                        if let Some((k, _)) = index.pop_last() {
-                            held_bytes -= k.len() + INDEX_ENTRY_OVERHEAD;
-                            hi = Some(k);
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        self.stats.passes += 1;
-        self.stats.max_keys_held = self.stats.max_keys_held.max(max_keys);
-        self.stats.max_index_bytes = self.stats.max_index_bytes.max(max_bytes);
-        self.keys = index.into_iter();
-        self.next_lo = hi;
-        Ok(revision)
-    }
-}
-
-impl<S: Source> Iterator for Latest<'_, S> {
-    type Item = Result<KeyValue, SnapshotError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            let Some((key, (main, sub, tombstone))) = self.keys.next() else {
-                let lo = self.next_lo.take()?;
-                if let Err(k) = self.pass(&lo) {
-                    return Some(Err(self.snap.err(k)));
-                }
-                continue;
-            };
-            if tombstone {
-                continue;
-            }
-            let mut rev = Vec::with_capacity(17);
-            rev.extend_from_slice(&main.to_be_bytes());
-            rev.push(b'_');
-            rev.extend_from_slice(&sub.to_be_bytes());
-            let found = self.snap.get(&self.root, self.page, &rev);
-            let item = match found {
-                Ok(Some((_, value, _))) => decode_kv(&value, main, sub).and_then(|kv| {
-                    if kv.key == key {
-                        Ok(kv)
-                    } else {
-                        Err(ErrorKind::BadKeyValue {
-                            main,
-                            sub,
-                            reason: "the revision's key changed between two reads".into(),
-                        })
-                    }
-                }),
-                Ok(None) => Err(ErrorKind::BadKeyValue {
-                    main,
-                    sub,
-                    reason:
-                        "revision seen while scanning is not found by lookup (corrupt branch keys)"
-                            .into(),
-                }),
-                Err(k) => Err(k),
-            };
-            return Some(item.map_err(|k| self.snap.err(k)));
-        }
-    }
 }
 
 /// Reads a whole file into memory and opens it (for small files, fuzzing).

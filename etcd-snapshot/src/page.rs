@@ -238,6 +238,23 @@ impl Node {
         Ok(LeafElem { flags, key, value })
     }
 
+    /// Leaf element `i`'s header: (flags, offset of its key in the page,
+    /// key size, value size). The offset is not checked against the data
+    /// held (a leaf read without its overflow pages holds less than it
+    /// addresses); the caller checks it.
+    pub fn leaf_raw(&self, i: usize) -> Result<(u32, usize, usize, usize), ErrorKind> {
+        let off = HEADER + i * ELEMENT;
+        let bad = || ErrorKind::BadPage {
+            page: self.id,
+            what: format!("leaf element {i} does not fit"),
+        };
+        let flags = u32_at(&self.data, off).ok_or_else(bad)?;
+        let pos = u32_at(&self.data, off + 4).ok_or_else(bad)? as usize;
+        let ksize = u32_at(&self.data, off + 8).ok_or_else(bad)? as usize;
+        let vsize = u32_at(&self.data, off + 12).ok_or_else(bad)? as usize;
+        Ok((flags, off + pos, ksize, vsize))
+    }
+
     /// Branch element `i`: its first key and child page.
     pub fn branch(&self, i: usize) -> Result<(&[u8], u64), ErrorKind> {
         let off = HEADER + i * ELEMENT;

@@ -382,11 +382,14 @@ pub fn resource_for_key(key: &[u8], prefix: &str) -> Result<KeyResource, KeyErro
     }
 
     // Longest key path first, so services/specs wins over a plain "services".
+    // "The key path's segments, then at least one more" is "the key path,
+    // then a '/'": a prefix test, without splitting each of the ~60 key
+    // paths for every key (this was a quarter of an audit's CPU).
     let builtin = BUILTIN_RESOURCES
         .iter()
         .filter(|r| {
-            let n = r.key_path.split('/').count();
-            segments.len() > n && segments[..n].iter().copied().eq(r.key_path.split('/'))
+            rest.strip_prefix(r.key_path)
+                .is_some_and(|after| after.starts_with('/'))
         })
         .max_by_key(|r| r.key_path.len());
     let (group_resource, kind, namespaced, after) = match builtin {
