@@ -1132,7 +1132,7 @@ pub fn fuzz_entry(data: &[u8]) {
             }
         }
     }
-    // The default index, and a small one (several passes over the bucket).
+    // The default index, and a small one (spilled runs and a merge).
     for budget in [DEFAULT_INDEX_BYTES, 16 * 1024] {
         if let Ok(latest) = s.latest_with_budget(b"", budget) {
             for kv in latest.take(100_000) {
