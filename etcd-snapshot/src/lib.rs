@@ -271,29 +271,10 @@ pub struct FreeRange {
 impl Snapshot<FileSource> {
     /// Opens and validates `path` (meta pages, length, appended SHA-256).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SnapshotError> {
-        let path = path.as_ref().to_owned();
-        let err = |kind: ErrorKind| SnapshotError {
-            path: path.clone(),
-            kind,
-        };
-        let file = File::open(&path).map_err(|e| err(e.into()))?;
-        let md = file.metadata().map_err(|e| err(e.into()))?;
-        if !md.is_file() {
-            return Err(err(ErrorKind::Io(std::io::Error::other(
-                "not a regular file",
-            ))));
-        }
-        Snapshot::from_source(
-            FileSource {
-                file,
-                len: md.len(),
-            },
-            path,
-        )
+        let (source, path) = FileSource::open(path)?;
+        Snapshot::from_source(source, path)
     }
-}
 
-impl Snapshot<FileSource> {
     /// [`open`](Snapshot::open), but the appended SHA-256 is checked on its
     /// own thread (a second `pread` stream over the file) while the caller
     /// starts reading: on two cores the hash costs no wall time. Every
@@ -303,29 +284,15 @@ impl Snapshot<FileSource> {
     /// found while reading a file whose SHA-256 does not match is reported
     /// as the mismatch.
     pub fn open_concurrent(path: impl AsRef<Path>) -> Result<Self, SnapshotError> {
-        let path = path.as_ref().to_owned();
-        let err = |kind: ErrorKind| SnapshotError {
-            path: path.clone(),
-            kind,
-        };
-        let file = File::open(&path).map_err(|e| err(e.into()))?;
-        let md = file.metadata().map_err(|e| err(e.into()))?;
-        if !md.is_file() {
-            return Err(err(ErrorKind::Io(std::io::Error::other(
-                "not a regular file",
-            ))));
-        }
+        let (source, path) = FileSource::open(path)?;
         let hashing = FileSource {
-            file: file.try_clone().map_err(|e| err(e.into()))?,
-            len: md.len(),
+            file: source.file.try_clone().map_err(|e| SnapshotError {
+                path: path.clone(),
+                kind: e.into(),
+            })?,
+            len: source.len,
         };
-        let s = Snapshot::from_source_unhashed(
-            FileSource {
-                file,
-                len: md.len(),
-            },
-            path,
-        )?;
+        let s = Snapshot::from_source_unhashed(source, path)?;
         if s.integrity == Integrity::Sha256Verified {
             let stop = Arc::new(AtomicBool::new(false));
             let db_len = s.db_len;
@@ -337,6 +304,31 @@ impl Snapshot<FileSource> {
             *s.sha.borrow_mut() = ShaCheck::Running { thread, stop };
         }
         Ok(s)
+    }
+}
+
+impl FileSource {
+    /// Opens `path` for reading; refuses what is not a regular file.
+    fn open(path: impl AsRef<Path>) -> Result<(FileSource, PathBuf), SnapshotError> {
+        let path = path.as_ref().to_owned();
+        let err = |kind: ErrorKind| SnapshotError {
+            path: path.clone(),
+            kind,
+        };
+        let file = File::open(&path).map_err(|e| err(e.into()))?;
+        let md = file.metadata().map_err(|e| err(e.into()))?;
+        if !md.is_file() {
+            return Err(err(ErrorKind::Io(std::io::Error::other(
+                "not a regular file",
+            ))));
+        }
+        Ok((
+            FileSource {
+                file,
+                len: md.len(),
+            },
+            path,
+        ))
     }
 }
 
