@@ -88,6 +88,8 @@ const PREFACE_LEN: usize = 24;
 const FRAME_HEADER: usize = 9;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most of a re-encoding buffer kept between header blocks.
+const SCRATCH_KEPT: usize = 4096;
 /// What an unparsable authority becomes.
 const REPLACEMENT: &[u8] = b"localhost";
 
@@ -154,9 +156,7 @@ pub struct Shim {
     /// Bytes at the front of `input` to hand on untouched.
     pass: usize,
     block: Option<OpenBlock>,
-    decoder: hpack::Decoder,
-    /// Blocks are re-encoded from now on (an authority was replaced).
-    rewriting: bool,
+    blocks: Blocks,
     eof: bool,
     failed: bool,
 }
@@ -169,7 +169,7 @@ impl std::fmt::Debug for Shim {
             .field("pending", &self.output.len())
             .field("pass", &self.pass)
             .field("block_open", &self.block.is_some())
-            .field("rewriting", &self.rewriting)
+            .field("rewriting", &self.blocks.rewriting)
             .field("eof", &self.eof)
             .finish()
     }
@@ -184,14 +184,16 @@ impl Default for Shim {
 impl Shim {
     /// A shim for a new connection (expecting the client preface).
     pub fn new() -> Self {
-        let decoder = hpack::Decoder::new(HEADER_TABLE_SIZE);
         Shim {
             input: BytesMut::new(),
             output: BytesMut::new(),
             pass: PREFACE_LEN,
             block: None,
-            decoder,
-            rewriting: false,
+            blocks: Blocks {
+                decoder: hpack::Decoder::new(HEADER_TABLE_SIZE),
+                rewriting: false,
+                scratch: Vec::new(),
+            },
             eof: false,
             failed: false,
         }
@@ -354,14 +356,7 @@ impl Shim {
                 };
                 if flags & END_HEADERS != 0 {
                     // The usual case, a block in one frame: no copy of it.
-                    let rewriting = &mut self.rewriting;
-                    finish(
-                        &mut self.decoder,
-                        rewriting,
-                        &mut self.output,
-                        &block,
-                        fragment,
-                    )?;
+                    self.blocks.finish(&mut self.output, &block, fragment)?;
                     self.input.advance(FRAME_HEADER + len);
                     return Ok(true);
                 }
@@ -373,14 +368,8 @@ impl Shim {
         };
         self.input.advance(FRAME_HEADER + len);
         if flags & END_HEADERS != 0 {
-            let rewriting = &mut self.rewriting;
-            finish(
-                &mut self.decoder,
-                rewriting,
-                &mut self.output,
-                &block,
-                &block.fragment,
-            )?;
+            self.blocks
+                .finish(&mut self.output, &block, &block.fragment)?;
         } else {
             self.block = Some(block);
         }
@@ -388,44 +377,64 @@ impl Shim {
     }
 }
 
-/// Decodes a complete header block and queues it: as sent while the
-/// connection has not needed a rewrite, re-encoded from its first refused
-/// authority on (`rewriting` is then set for good). The re-encoding is
-/// built either way (a field may turn out to need it only after others were
-/// decoded); it is a copy of a few hundred bytes.
-fn finish(
-    decoder: &mut hpack::Decoder,
-    rewriting: &mut bool,
-    output: &mut BytesMut,
-    block: &OpenBlock,
-    fragment: &[u8],
-) -> Result<(), Refusal> {
-    let mut encoded = Vec::with_capacity(fragment.len() + 64);
-    let mut decoded = 0usize;
-    let mut replaced = false;
-    decoder
-        .decode(fragment, |name, value| {
-            decoded = decoded.saturating_add(name.len() + value.len() + 32);
-            if decoded > MAX_DECODED {
-                // Keep decoding (the table must stay in step) but stop
-                // growing; the block is refused below.
-                return;
-            }
-            let value = if name == b":authority" && http::uri::Authority::try_from(value).is_err() {
-                replaced = true;
-                REPLACEMENT
-            } else {
-                value
-            };
-            encode_literal(&mut encoded, name, value);
-        })
-        .map_err(Refusal::Hpack)?;
-    if decoded > MAX_DECODED {
-        return Err(Refusal::DecodedTooLarge);
+/// A connection's header block state: the client's HPACK table, whether its
+/// blocks are re-encoded, and a buffer the re-encoding reuses.
+struct Blocks {
+    decoder: hpack::Decoder,
+    /// Blocks are re-encoded from now on (an authority was replaced).
+    rewriting: bool,
+    /// The current block re-encoded (kept between blocks: no allocation per
+    /// request).
+    scratch: Vec<u8>,
+}
+
+impl Blocks {
+    /// Decodes a complete header block and queues it: as sent while the
+    /// connection has not needed a rewrite, re-encoded from its first
+    /// refused authority on (`rewriting` is then set for good). The
+    /// re-encoding is built either way (a field may turn out to need it only
+    /// after others were decoded); it is a copy of a few hundred bytes.
+    fn finish(
+        &mut self,
+        output: &mut BytesMut,
+        block: &OpenBlock,
+        fragment: &[u8],
+    ) -> Result<(), Refusal> {
+        let encoded = &mut self.scratch;
+        encoded.clear();
+        let mut decoded = 0usize;
+        let mut replaced = false;
+        self.decoder
+            .decode(fragment, |name, value| {
+                decoded = decoded.saturating_add(name.len() + value.len() + 32);
+                if decoded > MAX_DECODED {
+                    // Keep decoding (the table must stay in step) but stop
+                    // growing; the block is refused below.
+                    return;
+                }
+                let value =
+                    if name == b":authority" && http::uri::Authority::try_from(value).is_err() {
+                        replaced = true;
+                        REPLACEMENT
+                    } else {
+                        value
+                    };
+                encode_literal(encoded, name, value);
+            })
+            .map_err(Refusal::Hpack)?;
+        if decoded > MAX_DECODED {
+            return Err(Refusal::DecodedTooLarge);
+        }
+        self.rewriting |= replaced;
+        queue_frames(
+            output,
+            block,
+            if self.rewriting { encoded } else { fragment },
+        );
+        // A rare large block does not keep its buffer for the connection's life.
+        encoded.shrink_to(SCRATCH_KEPT);
+        Ok(())
     }
-    *rewriting |= replaced;
-    queue_frames(output, block, if *rewriting { &encoded } else { fragment });
-    Ok(())
 }
 
 /// Queues `encoded` as HEADERS + CONTINUATION frames for `block`'s stream.
