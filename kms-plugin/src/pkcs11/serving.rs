@@ -243,20 +243,21 @@ impl Hsm {
         }
     }
 
-    /// Why a call that waited in the queue too long was refused (in the
-    /// words of a token's own pool refusal: the threads are its sessions).
+    /// Why a call that waited in the queue too long was refused: a token's
+    /// own pool refusal ([`HsmError::Busy`]), as the threads are its sessions.
     pub fn busy_reason(&self) -> String {
-        let labels = {
+        let token = {
             let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            let mut labels: Vec<String> = tokens.keys().map(|(l, _)| format!("{l:?}")).collect();
-            labels.sort();
+            let mut labels: Vec<&str> = tokens.keys().map(|(l, _)| l.as_str()).collect();
+            labels.sort_unstable();
             labels.join(", ")
         };
-        format!(
-            "PKCS#11 session pool of token {labels} exhausted: all {} sessions (--pkcs11-max-sessions) stayed busy for {:?} (--pkcs11-session-wait)",
-            self.calls.get().map_or(0, CallThreads::threads),
-            self.config.session_wait
-        )
+        HsmError::Busy {
+            token,
+            max: self.calls.get().map_or(0, CallThreads::threads),
+            wait: self.config.session_wait,
+        }
+        .to_string()
     }
 
     /// The token call queue's account.
