@@ -257,6 +257,22 @@ mod tests {
     use super::*;
     use crate::targets::ApiserverAccess;
 
+    /// A host whose apiserver is a plain HTTP listener on loopback `port`.
+    fn local_host(name: &str, port: u16, proof: ProofMode) -> Host {
+        Host {
+            name: name.into(),
+            encryption_config: "/nonexistent/config.yaml".into(),
+            keyring: None,
+            apiserver: ApiserverAccess::Url {
+                url: format!("http://127.0.0.1:{port}"),
+                token: None,
+                ca_file: None,
+            },
+            proof,
+            ssh: None,
+        }
+    }
+
     /// An apiserver that does not answer is waited for and named, in every
     /// proof mode: never proven.
     #[tokio::test]
@@ -296,18 +312,7 @@ mod tests {
                 },
             ),
         ] {
-            let host = Host {
-                name: "gone".into(),
-                encryption_config: "/nonexistent/config.yaml".into(),
-                keyring: None,
-                apiserver: ApiserverAccess::Url {
-                    url: format!("http://127.0.0.1:{port}"),
-                    token: None,
-                    ca_file: None,
-                },
-                proof: mode,
-                ssh: None,
-            };
+            let host = local_host("gone", port, mode);
             let api = Apiserver::connect(&host).await.unwrap();
             let mut told = Vec::new();
             let e = wait_all(
@@ -363,18 +368,7 @@ mod tests {
                 let _ = conn.write_all(reply.as_bytes()).await;
             }
         });
-        let host = Host {
-            name: "up".into(),
-            encryption_config: "/nonexistent/config.yaml".into(),
-            keyring: None,
-            apiserver: ApiserverAccess::Url {
-                url: format!("http://127.0.0.1:{port}"),
-                token: None,
-                ca_file: None,
-            },
-            proof: ProofMode::Restart,
-            ssh: None,
-        };
+        let host = local_host("up", port, ProofMode::Restart);
         let api = Apiserver::connect(&host).await.unwrap();
         let e = wait_all(
             &[api],
