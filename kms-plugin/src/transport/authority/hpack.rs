@@ -260,7 +260,7 @@ fn string<'b>(block: &'b [u8], pos: &mut usize) -> Result<Text<'b>, HpackError> 
     }
     // Huffman codes are at least 5 bits: at most 8 symbols per 5 octets.
     let mut out = Vec::with_capacity(raw.len() * 8 / 5 + 1);
-    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
+    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
         .map_err(|_| HpackError::Huffman)?;
     Ok(Cow::Owned(out))
 }
