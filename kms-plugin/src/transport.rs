@@ -135,6 +135,9 @@ pub struct Conn {
     metrics: Arc<Metrics>,
     idle_timeout: Duration,
     idle_timer: Pin<Box<Sleep>>,
+    /// The first write since the last flush has waited its turn (see
+    /// [`Conn::wait_one_turn`]).
+    waited_turn: bool,
 }
 
 impl Conn {
@@ -154,7 +157,30 @@ impl Conn {
             metrics,
             idle_timeout,
             idle_timer: Box::pin(tokio::time::sleep(idle_timeout)),
+            waited_turn: false,
         }
+    }
+
+    /// Whether this write waits one turn of the scheduler first: the first
+    /// write after a flush does (the connection task wakes itself and
+    /// returns `Pending`, which puts it behind the tasks already runnable),
+    /// the rest until the next flush do not.
+    ///
+    /// Why: each call's response is produced by its own task, which wakes the
+    /// connection task; tokio runs a task woken that way next (its LIFO
+    /// slot), so h2 wrote every response with a `writev` of its own — one
+    /// syscall, and one wake-up of the client, per call. Waiting one turn
+    /// lets the other calls that are ready finish first, and h2 writes their
+    /// responses together: at 16 callers about 7 responses per `writev`, 1–4 µs
+    /// less plugin CPU per call (README, kms-plugin benchmarks). A response
+    /// waits at most for the tasks that were already runnable.
+    fn wait_one_turn(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.waited_turn {
+            return false;
+        }
+        self.waited_turn = true;
+        cx.waker().wake_by_ref();
+        true
     }
 
     /// Whether the idle timer says the connection should close now (and
@@ -220,11 +246,16 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.wait_one_turn(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let flushed = ready!(Pin::new(&mut self.stream).poll_flush(cx));
+        self.waited_turn = false;
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -236,6 +267,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.wait_one_turn(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -454,6 +488,69 @@ mod tests {
         for errno in [nix::errno::Errno::ECONNABORTED, nix::errno::Errno::EINTR] {
             assert!(!is_resource_exhaustion(&io::Error::from(errno)), "{errno}");
         }
+    }
+
+    /// Counts the wake-ups of a task.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_write_after_a_flush_waits_one_turn_and_loses_nothing() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(
+            ours,
+            Arc::new(Tracker::default()),
+            Arc::new(Metrics::new()),
+            Duration::from_secs(60),
+        );
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut conn = Pin::new(&mut conn);
+
+        // The first write yields: the task is woken to run again after the
+        // tasks already runnable, and nothing is written yet.
+        assert!(conn.as_mut().poll_write(&mut cx, b"one").is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        // Then it and every write until the flush go straight through.
+        assert!(matches!(
+            conn.as_mut().poll_write(&mut cx, b"one"),
+            Poll::Ready(Ok(3))
+        ));
+        let bufs = [io::IoSlice::new(b"tw"), io::IoSlice::new(b"o")];
+        assert!(matches!(
+            conn.as_mut().poll_write_vectored(&mut cx, &bufs),
+            Poll::Ready(Ok(3))
+        ));
+        assert!(matches!(
+            conn.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        // After a flush the next first write waits again, vectored or not.
+        let bufs = [io::IoSlice::new(b"three")];
+        assert!(
+            conn.as_mut()
+                .poll_write_vectored(&mut cx, &bufs)
+                .is_pending()
+        );
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert!(matches!(
+            conn.as_mut().poll_write_vectored(&mut cx, &bufs),
+            Poll::Ready(Ok(5))
+        ));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+
+        let mut got = [0u8; 11];
+        tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"onetwothree");
     }
 
     #[test]
