@@ -74,22 +74,27 @@ fn page(state: &AppState, file_refusal_fails: bool) -> (StatusCode, String) {
     }
 }
 
-/// Binds `addr` (callers check it is loopback) and returns the server future.
+/// Binds `addr` (callers check it is loopback) and returns the address bound
+/// (port 0 picks a free port) and the server future.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>>,
+)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz_page))
         .route("/readyz", get(readyz_page))
         .with_state(AppState { metrics, health });
-    Ok(async move {
+    Ok((bound, async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
-    })
+    }))
 }

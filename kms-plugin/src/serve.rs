@@ -109,10 +109,10 @@ pub async fn serve(
 
     let mut background = Vec::new();
     if let Some(addr) = config.metrics_addr {
-        let server = crate::http::serve(addr, metrics.clone(), health.clone(), stopped())
+        let (bound, server) = crate::http::serve(addr, metrics.clone(), health.clone(), stopped())
             .await
             .map_err(|source| ServeError::Metrics { addr, source })?;
-        tracing::info!(%addr, "metrics listening");
+        tracing::info!(addr = %bound, "metrics listening");
         background.push(tokio::spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "metrics listener failed");

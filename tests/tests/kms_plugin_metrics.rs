@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use anyhow::Result;
 use atrest_tests::plugin::{
-    Metrics, PluginOptions, PluginProcess, WAIT, decrypt, encrypt, eventually, seed,
+    Metrics, PluginOptions, PluginProcess, WAIT, decrypt, encrypt, eventually, http_get, seed,
 };
 use sha2::{Digest, Sha256};
 
@@ -42,6 +42,37 @@ async fn metrics_healthz_and_readyz_answer() -> Result<()> {
     }
     let missing = plugin.http("/no-such-page").await?;
     assert_eq!(missing.status, 404);
+    Ok(())
+}
+
+/// Port 0 lets the plugin pick a free port; the log names the one it bound
+/// (what `scripts/bench-kms-hsm.sh` reads to find `/metrics`).
+#[tokio::test(flavor = "multi_thread")]
+async fn port_zero_binds_a_free_port_and_the_log_names_it() -> Result<()> {
+    let plugin = PluginProcess::start(
+        PluginOptions::new()
+            .arg("--metrics-addr")
+            .arg("127.0.0.1:0"),
+    )
+    .await?;
+    plugin
+        .wait_for_log("metrics listening addr=127.0.0.1:")
+        .await?;
+    let log = plugin.log();
+    let addr: std::net::SocketAddr = log
+        .split("metrics listening addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no bound address in the log:\n{log}"));
+    assert_ne!(addr.port(), 0, "{log}");
+    let metrics = http_get(addr, "/metrics").await?;
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    assert!(
+        metrics.body.contains("atrest_kms_healthy"),
+        "{}",
+        metrics.body
+    );
     Ok(())
 }
 
