@@ -2,7 +2,8 @@
 # The KMS plugin load benchmark with the primary KEK in a SoftHSM2 token, next
 # to the same benchmark with a local KEK: Decrypt (and Encrypt) at 1/16/64
 # callers and the 10,000-call Decrypt restart burst, each printed as the
-# Markdown table of kms-loadgen (ops/s, p50/p99, plugin CPU per call).
+# Markdown table of kms-loadgen (ops/s, p50/p99, plugin CPU per call and,
+# for the token runs, its split into the module's CPU and ours).
 # Needs softhsm2 (scripts/setup.sh installs it). The token lives in a temp dir
 # of its own (SOFTHSM2_CONF is set for the plugin only). Extra arguments go to
 # every kms-loadgen run, e.g.  scripts/bench-kms-hsm.sh --duration 2s
@@ -49,18 +50,22 @@ for sessions in ${SESSIONS:-default 16}; do
   fi
   SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" serve --listen "unix://$work/kms.sock" \
     --keyring "$work/keyring.json" --pkcs11-module "$module" --pkcs11-pin-file "$work/pin" \
-    "${flags[@]}" 2>"$work/plugin.log" &
+    --metrics-addr 127.0.0.1:0 "${flags[@]}" 2>"$work/plugin.log" &
   plugin_pid=$!
   for _ in $(seq 100); do
     "$bin/kms-plugin" probe --listen "unix://$work/kms.sock" >/dev/null 2>&1 && break
     kill -0 "$plugin_pid" 2>/dev/null || { cat "$work/plugin.log" >&2; exit 1; }
     sleep 0.1
   done
+  # The port the plugin picked: kms-loadgen reads the module's CPU there
+  # before and after each row, so every row splits plugin CPU into the
+  # module's and ours.
+  metrics="$(sed -n 's/.*metrics listening addr=\([0-9.:]*\).*/\1/p' "$work/plugin.log" | head -n1)"
+  [ -n "$metrics" ] || { echo "bench-kms-hsm: the plugin logged no metrics address" >&2; cat "$work/plugin.log" >&2; exit 1; }
   "$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
-    --methods encrypt,decrypt "$@"
+    --plugin-metrics "$metrics" --methods encrypt,decrypt "$@"
   kill "$plugin_pid"; wait "$plugin_pid" 2>/dev/null || true; plugin_pid=""
-  # The plugin's own account of the time spent inside the PKCS#11 module (the
-  # rest of its CPU per call is our overhead: gRPC, envelope, call queue).
+  # The plugin's own account over the whole run (sealing and warm-ups too).
   echo
   echo "plugin: $(grep -o 'PKCS#11 usage.*' "$work/plugin.log" || echo 'no PKCS#11 usage line')"
   echo "plugin: $(grep -o 'PKCS#11 call queue.*' "$work/plugin.log" || echo 'no PKCS#11 call queue line')"

@@ -40,6 +40,13 @@ pub struct Args {
     #[arg(long, value_name = "PID", requires = "listen")]
     pub plugin_pid: Option<u32>,
 
+    /// The attached plugin's `--metrics-addr`: each row then splits plugin CPU
+    /// into the time inside the PKCS#11 module (the plugin's
+    /// atrest_kms_pkcs11_module_cpu_seconds_total) and ours. An error when the
+    /// plugin serves no token KEK.
+    #[arg(long, value_name = "IP:PORT", requires = "listen")]
+    pub plugin_metrics: Option<std::net::SocketAddr>,
+
     /// Measured time per cell (method × callers), e.g. `3s`, `500ms` (at least 10ms).
     #[arg(long, default_value = "3s", value_parser = at_least(Duration::from_millis(10)))]
     pub duration: Duration,
@@ -109,6 +116,8 @@ pub struct Config {
     pub plaintext_size: usize,
     pub call_timeout: Duration,
     pub startup_timeout: Duration,
+    /// The plugin's metrics listener, to split its CPU (`--plugin-metrics`).
+    pub module_metrics: Option<std::net::SocketAddr>,
 }
 
 /// A flag value that cannot be used; each names the flag.
@@ -163,6 +172,7 @@ impl TryFrom<Args> for Config {
             plaintext_size: args.plaintext_size,
             call_timeout: args.call_timeout,
             startup_timeout: args.startup_timeout,
+            module_metrics: args.plugin_metrics,
         };
         config.validate()?;
         config.plugin = resolve_plugin(args.listen, args.plugin_pid, args.plugin_bin)?;

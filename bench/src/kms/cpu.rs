@@ -1,8 +1,20 @@
 //! CPU time of another process, from `/proc/PID/stat` (utime + stime of all
-//! its threads, in clock ticks).
+//! its threads, in clock ticks), and, for a plugin whose KEK is in a PKCS#11
+//! token, the part of it spent inside the module: the plugin's own counter
+//! [`MODULE_CPU`] from its `/metrics`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use http_body_util::BodyExt as _;
+
+/// The plugin's count of its threads' CPU time inside the PKCS#11 module's
+/// `C_EncryptInit`/`C_Encrypt`/`C_DecryptInit`/`C_Decrypt` calls.
+pub const MODULE_CPU: &str = "atrest_kms_pkcs11_module_cpu_seconds_total";
+
+/// How long one `/metrics` read may take (a loopback listener).
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads one process's accumulated CPU time.
 #[derive(Debug, Clone)]
@@ -26,6 +38,12 @@ pub enum CpuError {
     Format { path: PathBuf },
     #[error("sysconf(_SC_CLK_TCK) failed: {0}")]
     ClockTicks(String),
+    #[error("GET http://{addr}/metrics (--plugin-metrics): {reason}")]
+    Metrics { addr: SocketAddr, reason: String },
+    #[error(
+        "http://{addr}/metrics (--plugin-metrics) has no {MODULE_CPU}: the plugin serves no KEK from a PKCS#11 token"
+    )]
+    NoModuleCpu { addr: SocketAddr },
 }
 
 impl ProcessCpu {
@@ -72,12 +90,87 @@ impl ProcessCpu {
     }
 }
 
+/// The plugin's module CPU counter, read from its metrics listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleCpu {
+    addr: SocketAddr,
+}
+
+impl ModuleCpu {
+    /// Reads the plugin's `/metrics` at `addr` (its `--metrics-addr`).
+    pub fn new(addr: SocketAddr) -> Self {
+        ModuleCpu { addr }
+    }
+
+    /// Where the counter is read.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The module CPU time the plugin has counted so far.
+    pub async fn read(&self) -> Result<Duration, CpuError> {
+        let text = tokio::time::timeout(SCRAPE_TIMEOUT, scrape(self.addr))
+            .await
+            .map_err(|_| CpuError::Metrics {
+                addr: self.addr,
+                reason: format!("no answer within {SCRAPE_TIMEOUT:?}"),
+            })?
+            .map_err(|reason| CpuError::Metrics {
+                addr: self.addr,
+                reason,
+            })?;
+        module_cpu(&text).ok_or(CpuError::NoModuleCpu { addr: self.addr })
+    }
+}
+
+/// The [`MODULE_CPU`] samples of a metrics page, summed (`None` when absent).
+fn module_cpu(text: &str) -> Option<Duration> {
+    let samples = rotator::metrics::parse(text);
+    let mut seen = samples.iter().filter(|s| s.name == MODULE_CPU).peekable();
+    seen.peek()?;
+    Duration::try_from_secs_f64(seen.map(|s| s.value).sum()).ok()
+}
+
+/// `GET /metrics` over HTTP/1.1 on one fresh connection.
+async fn scrape(addr: SocketAddr) -> Result<String, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get("/metrics")
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body: {e}"))?
+        .to_bytes();
+    connection.abort();
+    if status != http::StatusCode::OK {
+        return Err(format!("HTTP {status}"));
+    }
+    String::from_utf8(body.to_vec()).map_err(|_| "the page is not UTF-8".into())
+}
+
 /// The plugin's and this load generator's CPU clocks, read together: the two
 /// share the machine, so the client's cost per call explains the plugin's room.
+/// With [`ModuleCpu`], also the plugin's time inside its PKCS#11 module.
 #[derive(Debug, Clone)]
 pub struct CpuMeters {
     plugin: ProcessCpu,
     loadgen: ProcessCpu,
+    module: Option<ModuleCpu>,
 }
 
 /// CPU time used by each side (a reading, or the difference of two).
@@ -85,23 +178,37 @@ pub struct CpuMeters {
 pub struct CpuSpent {
     pub plugin: Duration,
     pub loadgen: Duration,
+    /// Of `plugin`, the time inside the PKCS#11 module (when metered).
+    pub module: Option<Duration>,
 }
 
 impl CpuMeters {
-    /// Meters for the plugin process `plugin_pid` and for this process.
-    pub fn new(plugin_pid: u32) -> Result<Self, CpuError> {
+    /// Meters for the plugin process `plugin_pid` and for this process, and
+    /// for the plugin's module time when `module` is given.
+    pub fn new(plugin_pid: u32, module: Option<ModuleCpu>) -> Result<Self, CpuError> {
         Ok(CpuMeters {
             plugin: ProcessCpu::new(plugin_pid)?,
             loadgen: ProcessCpu::new(std::process::id())?,
+            module,
         })
     }
 
-    /// Both clocks now.
-    pub fn read(&self) -> Result<CpuSpent, CpuError> {
+    /// Every clock now.
+    pub async fn read(&self) -> Result<CpuSpent, CpuError> {
+        let module = match &self.module {
+            Some(m) => Some(m.read().await?),
+            None => None,
+        };
         Ok(CpuSpent {
             plugin: self.plugin.read()?,
             loadgen: self.loadgen.read()?,
+            module,
         })
+    }
+
+    /// Where the module time is read, when it is.
+    pub fn module(&self) -> Option<ModuleCpu> {
+        self.module
     }
 
     /// Clock ticks per second (the same for every process).
@@ -116,7 +223,16 @@ impl CpuSpent {
         CpuSpent {
             plugin: self.plugin.saturating_sub(earlier.plugin),
             loadgen: self.loadgen.saturating_sub(earlier.loadgen),
+            module: match (self.module, earlier.module) {
+                (Some(now), Some(then)) => Some(now.saturating_sub(then)),
+                _ => None,
+            },
         }
+    }
+
+    /// The plugin's CPU time outside the module (when the module is metered).
+    pub fn ours(&self) -> Option<Duration> {
+        self.module.map(|m| self.plugin.saturating_sub(m))
     }
 }
 
@@ -171,21 +287,106 @@ mod tests {
         let before = CpuSpent {
             plugin: ms(10),
             loadgen: ms(50),
+            module: Some(ms(4)),
         };
         let after = CpuSpent {
             plugin: ms(25),
             loadgen: ms(40),
+            module: Some(ms(10)),
         };
+        let spent = after.since(before);
         assert_eq!(
-            after.since(before),
+            spent,
             CpuSpent {
                 plugin: ms(15),
-                loadgen: Duration::ZERO
+                loadgen: Duration::ZERO,
+                module: Some(ms(6)),
             }
         );
-        let meters = CpuMeters::new(std::process::id()).unwrap();
+        assert_eq!(spent.ours(), Some(ms(9)));
+        // Without a module reading on both sides there is no split.
+        let unmetered = CpuSpent {
+            module: None,
+            ..after
+        };
+        assert_eq!(unmetered.since(before).module, None);
+        assert_eq!(unmetered.since(before).ours(), None);
+    }
+
+    #[tokio::test]
+    async fn meters_read_this_process() {
+        let meters = CpuMeters::new(std::process::id(), None).unwrap();
         assert!(meters.ticks_per_sec() > 0);
-        meters.read().unwrap();
+        assert_eq!(meters.read().await.unwrap().module, None);
+    }
+
+    #[test]
+    fn module_cpu_is_the_sum_of_its_samples_and_absent_without_them() {
+        let page = "# TYPE atrest_kms_pkcs11_module_cpu_seconds counter\n\
+                    atrest_kms_pkcs11_module_cpu_seconds_total 0.25\n\
+                    atrest_kms_pkcs11_module_calls_total 10\n";
+        assert_eq!(module_cpu(page), Some(Duration::from_millis(250)));
+        let two = format!("{page}atrest_kms_pkcs11_module_cpu_seconds_total{{token=\"b\"}} 0.5\n");
+        assert_eq!(module_cpu(&two), Some(Duration::from_millis(750)));
+        assert_eq!(module_cpu("atrest_kms_healthy 1\n"), None);
+        assert_eq!(module_cpu(""), None);
+    }
+
+    /// A one-shot HTTP server on loopback answering `answer` to one request.
+    async fn answering(answer: &'static str) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            assert!(request.starts_with(b"GET /metrics HTTP/1.1\r\n"));
+            conn.write_all(answer.as_bytes()).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn module_cpu_is_read_over_http_and_its_absence_is_an_error() {
+        let body = "atrest_kms_pkcs11_module_cpu_seconds_total 1.5\n";
+        let ok: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let addr = answering(ok).await;
+        assert_eq!(
+            ModuleCpu::new(addr).read().await.unwrap(),
+            Duration::from_millis(1500)
+        );
+
+        let addr = answering("HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\natrest_up 1\n\n").await;
+        let err = ModuleCpu::new(addr).read().await.unwrap_err().to_string();
+        assert!(err.contains(MODULE_CPU) && err.contains("PKCS#11"), "{err}");
+
+        let addr = answering("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+        let err = ModuleCpu::new(addr).read().await.unwrap_err().to_string();
+        assert!(
+            err.contains("HTTP 404") && err.contains(&addr.to_string()),
+            "{err}"
+        );
+
+        // Nobody listening: named, not a panic.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let err = ModuleCpu::new(addr).read().await.unwrap_err().to_string();
+        assert!(err.contains("connecting"), "{err}");
     }
 
     #[test]

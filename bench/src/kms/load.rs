@@ -396,13 +396,13 @@ pub async fn run_cell(
         let warm = drive(channel, spec.method, spec.callers, bound, work).await;
         warm_failures = (warm.failures, warm.first_failure);
     }
-    let before = cpu.read()?;
+    let before = cpu.read().await?;
     let bound = Bound {
         deadline: Instant::now() + spec.duration,
         max_calls: spec.max_calls,
     };
     let mut outcome = drive(channel, spec.method, spec.callers, bound, work).await;
-    let after = cpu.read()?;
+    let after = cpu.read().await?;
     outcome.absorb_failures(warm_failures.0, warm_failures.1);
     Ok(CellResult {
         method: spec.method,

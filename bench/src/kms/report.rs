@@ -1,12 +1,13 @@
 //! The results of a run and their Markdown rendering.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::cpu::CpuSpent;
 use super::load::{CellResult, Outcome, ops_per_sec, per_call_micros};
 use super::machine::Machine;
-use super::targets::{self, Verdict};
+use super::targets::{self, CpuFigure, Verdict};
 
 /// The restart burst's measurements.
 #[derive(Debug)]
@@ -41,6 +42,9 @@ pub struct Report {
     pub duration: Duration,
     pub warmup: Duration,
     pub cpu_ticks_per_sec: u64,
+    /// The plugin's metrics listener the module CPU was read from: the
+    /// table then splits plugin CPU into the module's and ours.
+    pub module_metrics: Option<SocketAddr>,
     pub cells: Vec<CellResult>,
     pub burst: Option<BurstResult>,
 }
@@ -94,6 +98,14 @@ impl Report {
         }
     }
 
+    /// Module CPU µs per call (the plugin's own count: no tick rounding).
+    fn fmt_module(&self, module: Option<Duration>, calls: u64) -> String {
+        match module.and_then(|m| per_call_micros(m, calls)) {
+            Some(us) => format!("{us:.1}"),
+            None => "n/a".into(),
+        }
+    }
+
     /// The report as Markdown: header facts, the table, the burst line.
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
@@ -128,45 +140,83 @@ impl Report {
              over the measured part ({} ticks/s; ± is the tick rounding)",
             self.plugin_pid, self.cpu_ticks_per_sec
         );
+        if let Some(addr) = self.module_metrics {
+            let _ = writeln!(
+                out,
+                "- module CPU: the plugin's `{}` from http://{addr}/metrics, read before and \
+                 after each row (its threads' CPU inside the PKCS#11 module's encrypt and decrypt \
+                 calls, one call in 16 timed and scaled); **ours** = plugin CPU − module CPU",
+                super::cpu::MODULE_CPU
+            );
+        }
         let _ = writeln!(
             out,
-            "- targets: Decrypt p99 < {} at {} callers; plugin CPU < {} µs per Decrypt; \
+            "- targets: Decrypt p99 < {} at {} callers; plugin CPU {}< {} µs per Decrypt; \
              {}-call restart burst < {}\n",
             fmt_latency(targets::DECRYPT_P99),
             targets::DECRYPT_P99_CALLERS,
+            if self.module_metrics.is_some() {
+                "beyond the module (ours) "
+            } else {
+                ""
+            },
             targets::DECRYPT_CPU_MICROS,
             self.burst.as_ref().map_or(10_000, |b| b.wanted),
             fmt_secs(targets::BURST_WALL)
         );
+        let split = self.module_metrics.is_some();
+        let (split_head, split_rule) = if split {
+            (" module CPU µs/call | **ours** µs/call |", "---:|---:|")
+        } else {
+            ("", "")
+        };
         let _ = writeln!(
             out,
             "| method | callers | calls | errors | ops/s | p50 | p99 | p999 | plugin CPU µs/call \
-             | loadgen CPU µs/call | target met |"
+             |{split_head} loadgen CPU µs/call | target met |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|{split_rule}---:|---|"
         );
         for c in &self.cells {
             let h = &c.outcome.histogram;
             let p99 = quantile(h, 0.99);
-            let verdict = targets::judge_cell(c.method, c.callers, p99, c.cpu_micros_per_call());
+            let calls = c.outcome.calls();
+            let ours = c.cpu.ours().and_then(|d| per_call_micros(d, calls));
+            let verdict = if split {
+                targets::judge_cell(c.method, c.callers, p99, CpuFigure::Ours, ours)
+            } else {
+                targets::judge_cell(
+                    c.method,
+                    c.callers,
+                    p99,
+                    CpuFigure::Plugin,
+                    c.cpu_micros_per_call(),
+                )
+            };
+            let split_cells = if split {
+                format!(
+                    " {} | {} |",
+                    self.fmt_module(c.cpu.module, calls),
+                    self.fmt_cpu(ours, calls)
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |{split_cells} {} | {} |",
                 c.method.name(),
                 c.callers,
-                c.outcome.calls(),
+                calls,
                 c.outcome.failures,
                 c.ops_per_sec(),
                 fmt_latency(quantile(h, 0.5)),
                 fmt_latency(p99),
                 fmt_latency(quantile(h, 0.999)),
-                self.fmt_cpu(c.cpu_micros_per_call(), c.outcome.calls()),
-                self.fmt_cpu(
-                    per_call_micros(c.cpu.loadgen, c.outcome.calls()),
-                    c.outcome.calls()
-                ),
+                self.fmt_cpu(c.cpu_micros_per_call(), calls),
+                self.fmt_cpu(per_call_micros(c.cpu.loadgen, calls), calls),
                 verdict
             );
         }
@@ -176,7 +226,7 @@ impl Report {
                 out,
                 "\nburst (apiserver restart): {} Decrypt calls of distinct ciphertexts from {} callers \
                  on a fresh connection: wall {:.3} s ({:.0} ops/s), p50 {}, p99 {}, max {}, \
-                 plugin CPU {} µs/call, loadgen CPU {} µs/call, errors {} — target met: {}",
+                 plugin CPU {} µs/call{}, loadgen CPU {} µs/call, errors {} — target met: {}",
                 b.outcome.calls(),
                 b.callers,
                 b.outcome.wall.as_secs_f64(),
@@ -188,6 +238,19 @@ impl Report {
                     per_call_micros(b.cpu.plugin, b.outcome.calls()),
                     b.outcome.calls()
                 ),
+                match b.cpu.module {
+                    Some(module) => format!(
+                        " (module {} µs/call, **ours** {} µs/call)",
+                        self.fmt_module(Some(module), b.outcome.calls()),
+                        self.fmt_cpu(
+                            b.cpu
+                                .ours()
+                                .and_then(|d| per_call_micros(d, b.outcome.calls())),
+                            b.outcome.calls()
+                        )
+                    ),
+                    None => String::new(),
+                },
                 self.fmt_cpu(
                     per_call_micros(b.cpu.loadgen, b.outcome.calls()),
                     b.outcome.calls()
@@ -262,6 +325,7 @@ mod tests {
             duration: Duration::from_secs(3),
             warmup: Duration::from_millis(500),
             cpu_ticks_per_sec: 100,
+            module_metrics: None,
             cells,
             burst,
         }
@@ -285,6 +349,7 @@ mod tests {
                 cpu: CpuSpent {
                     plugin: Duration::from_millis(10),
                     loadgen: Duration::from_millis(30),
+                    module: None,
                 },
             },
             CellResult {
@@ -301,10 +366,12 @@ mod tests {
             cpu: CpuSpent {
                 plugin: Duration::from_micros(30),
                 loadgen: Duration::from_micros(60),
+                module: None,
             },
         };
         let r = report(cells, Some(burst));
         let md = r.to_markdown();
+        assert!(!md.contains("module CPU"), "{md}");
         assert!(md.contains("nproc 2, Test CPU"), "{md}");
         assert!(md.contains("build profile **release**"), "{md}");
         assert!(
@@ -323,6 +390,53 @@ mod tests {
         );
         assert_eq!(r.failed_calls(), 0);
         assert!(r.failure_summary().is_empty());
+    }
+
+    #[test]
+    fn with_module_cpu_rows_split_plugin_cpu_and_judge_ours() {
+        let ms = Duration::from_millis;
+        let cells = vec![CellResult {
+            method: Method::Decrypt,
+            callers: 16,
+            outcome: outcome(&[100; 1000], 0, Duration::from_secs(1)),
+            cpu: CpuSpent {
+                plugin: ms(45),
+                loadgen: ms(30),
+                module: Some(ms(30)),
+            },
+        }];
+        let burst = BurstResult {
+            wanted: 1000,
+            callers: 100,
+            outcome: outcome(&[10; 1000], 0, ms(400)),
+            cpu: CpuSpent {
+                plugin: ms(50),
+                loadgen: ms(20),
+                module: Some(ms(28)),
+            },
+        };
+        let mut r = report(cells, Some(burst));
+        r.module_metrics = Some("127.0.0.1:9464".parse().unwrap());
+        let md = r.to_markdown();
+        assert!(md.contains("http://127.0.0.1:9464/metrics"), "{md}");
+        assert!(
+            md.contains("plugin CPU beyond the module (ours) < 20 µs"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| plugin CPU µs/call | module CPU µs/call | **ours** µs/call | loadgen CPU µs/call | target met |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 45.0 ±20.0 | 30.0 | 15.0 ±20.0 | 30.0 ±20.0 | yes (ours < 20 µs) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "plugin CPU 50.0 ±20.0 µs/call (module 28.0 µs/call, **ours** 22.0 ±20.0 µs/call)"
+            ),
+            "{md}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use atrest_proto::kms::v2::key_management_service_client::KeyManagementServiceCl
 use tracing::info;
 
 use super::config::{Config, PluginSource};
-use super::cpu::{CpuError, CpuMeters};
+use super::cpu::{CpuError, CpuMeters, ModuleCpu};
 use super::load::{self, Bound, CellSpec, Method, Workload};
 use super::machine::Machine;
 use super::plugin::{PluginError, SpawnedPlugin, build_profile};
@@ -99,7 +99,7 @@ pub async fn run(config: Config) -> Result<Report, BenchError> {
 
 async fn measure(config: &Config, target: Target) -> Result<Report, BenchError> {
     let machine = Machine::current();
-    let cpu = CpuMeters::new(target.pid)?;
+    let cpu = CpuMeters::new(target.pid, config.module_metrics.map(ModuleCpu::new))?;
     let channel = kms_client::connect(&target.endpoint, config.call_timeout).await?;
     check_healthy(&channel, &target.endpoint).await?;
 
@@ -165,14 +165,14 @@ async fn measure(config: &Config, target: Target) -> Result<Report, BenchError> 
             // A restarted apiserver dials anew: the burst gets its own connection.
             let fresh = kms_client::connect(&target.endpoint, config.call_timeout).await?;
             let wanted = config.burst_calls as u64;
-            let before = cpu.read()?;
+            let before = cpu.read().await?;
             let bound = Bound {
                 deadline: Instant::now() + BURST_DEADLINE,
                 max_calls: wanted,
             };
             let outcome =
                 load::drive(&fresh, Method::Decrypt, config.burst_callers, bound, &work).await;
-            let after = cpu.read()?;
+            let after = cpu.read().await?;
             Some(BurstResult {
                 wanted,
                 callers: config.burst_callers,
@@ -199,6 +199,7 @@ async fn measure(config: &Config, target: Target) -> Result<Report, BenchError> 
         duration: config.duration,
         warmup: config.warmup,
         cpu_ticks_per_sec: cpu.ticks_per_sec(),
+        module_metrics: cpu.module().map(|m| m.addr()),
         cells,
         burst,
     })
@@ -246,6 +247,7 @@ mod tests {
             plaintext_size: 32,
             call_timeout: Duration::from_secs(1),
             startup_timeout: Duration::from_secs(1),
+            module_metrics: None,
         };
         let err = run(config).await.unwrap_err();
         assert!(matches!(err, BenchError::Connect(_)), "{err}");
