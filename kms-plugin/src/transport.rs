@@ -171,9 +171,10 @@ impl Conn {
     /// slot), so h2 wrote every response with a `writev` of its own — one
     /// syscall, and one wake-up of the client, per call. Waiting one turn
     /// lets the other calls that are ready finish first, and h2 writes their
-    /// responses together: at 16 callers about 7 responses per `writev`, 1–4 µs
-    /// less plugin CPU per call (README, kms-plugin benchmarks). A response
-    /// waits at most for the tasks that were already runnable.
+    /// responses together: at 16 callers about 7 responses per `writev`, 2–6 µs
+    /// less plugin CPU per call in interleaved runs (README, kms-plugin
+    /// benchmarks). A response waits at most for the tasks that were already
+    /// runnable.
     fn wait_one_turn(&mut self, cx: &mut Context<'_>) -> bool {
         if self.waited_turn {
             return false;
