@@ -8,7 +8,9 @@
 //!   descriptors (EMFILE/ENFILE) it backs off and logs instead of spinning.
 //! - [`Conn`]: one accepted connection; closed after [`Limits::idle_timeout`]
 //!   without a call in flight. What the client sends goes through
-//!   [`authority::Shim`], which lets any `:authority` through to h2.
+//!   [`authority::Shim`], which lets any `:authority` through to h2. What it
+//!   answers waits one scheduler turn before the first write after a flush,
+//!   so the responses of calls that are ready go out in one `writev`.
 //! - [`CallTracker`]: a layer counting calls in flight (from the request
 //!   headers on, so a call whose body has not arrived counts too), which lets
 //!   shutdown stop at once when only idle connections are left.
