@@ -51,13 +51,16 @@ pub enum ErrorKind {
     },
     /// The meta page's high-water mark is beyond the file's end.
     #[error(
-        "truncated: the meta page says {pages} pages are in use but the file holds {held} pages"
+        "truncated: the meta page says {pages} pages of {page_size} bytes are in use but the file \
+         holds {held} (a torn or cut file, or a wrong page size in the meta page)"
     )]
     Truncated {
         /// Pages in use (high-water mark).
         pages: u64,
         /// Pages in the file.
         held: u64,
+        /// The page size the meta page gives.
+        page_size: u32,
     },
     /// The appended SHA-256 does not match the database bytes.
     #[error(

@@ -464,6 +464,7 @@ impl<S: Source> Snapshot<S> {
             return Err(ErrorKind::Truncated {
                 pages: meta.pgid,
                 held,
+                page_size: ps,
             });
         }
         let integrity = if has_sha {
