@@ -44,9 +44,15 @@ fn seed_big(etcd: &EtcdServer) -> Vec<String> {
             ));
         }
     }
+    put_all_keys(etcd, kvs)
+}
+
+/// Writes `kvs` and returns their keys as a scan yields them: sorted, once each.
+fn put_all_keys(etcd: &EtcdServer, kvs: Vec<(String, Vec<u8>)>) -> Vec<String> {
     etcd.put_all(&kvs);
     let mut keys: Vec<String> = kvs.into_iter().map(|(k, _)| k).collect();
     keys.sort();
+    keys.dedup();
     keys
 }
 
@@ -55,6 +61,16 @@ struct Run {
     keys: Vec<String>,
     stats: ScanStats,
     stderr: String,
+}
+
+/// Runs the audit with `extra` flags, checks that it succeeded and read
+/// every one of `keys` once, in key order, and returns its scan counters.
+fn scan_every_key(etcd: &EtcdServer, keys: &[String], extra: &[&str]) -> ScanStats {
+    let run = inspect(etcd, extra);
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    assert_eq!(run.keys, keys, "every key once, in key order");
+    eprintln!("{extra:?}: {:?}", run.stats);
+    run.stats
 }
 
 /// Runs the real binary with the scan counters logged.
@@ -117,11 +133,7 @@ fn scan_cost_stays_linear_in_one_big_resource() {
     // Fixed pages of 500 keys: paging [from, end) with a limit, as before,
     // makes etcd 3.4 walk n²/(2·500) ≈ 20·n index entries here; sized
     // windows 3.85·n (4.40·n before the planner learned key positions).
-    let run = inspect(&etcd, &["--page-size", "500"]);
-    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
-    assert_eq!(run.keys, keys, "every key once, in key order");
-    let s = run.stats;
-    eprintln!("--page-size 500: {s:?}");
+    let s = scan_every_key(&etcd, &keys, &["--page-size", "500"]);
     assert_eq!(s.keys, n);
     assert!(
         s.range_keys <= 4 * n,
@@ -138,11 +150,7 @@ fn scan_cost_stays_linear_in_one_big_resource() {
     assert!(s.max_page_keys <= 500, "--page-size 500 exceeded: {s:?}");
 
     // Pages sized by the default byte budget: the same keys, also linear.
-    let run = inspect(&etcd, &[]);
-    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
-    assert_eq!(run.keys, keys);
-    let s = run.stats;
-    eprintln!("default pages: {s:?}");
+    let s = scan_every_key(&etcd, &keys, &[]);
     // The first request counts every key once, the windows once more.
     assert!(s.range_keys <= 2 * n, "not linear: {s:?}");
 }
@@ -184,19 +192,11 @@ fn kube_shaped(n: usize) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn scan_cost_stays_low_across_namespace_gaps() {
     let etcd = EtcdServer::start();
-    let kvs = kube_shaped(20_000);
-    etcd.put_all(&kvs);
-    let mut keys: Vec<String> = kvs.into_iter().map(|(k, _)| k).collect();
-    keys.sort();
-    keys.dedup();
+    let keys = put_all_keys(&etcd, kube_shaped(20_000));
     let n = keys.len() as u64;
     // Pages of 500 keys: a window holds about ten namespaces of 40 keys.
     // 3.40 entries counted per key; 5.34 when windows grew across the gaps.
-    let run = inspect(&etcd, &["--page-size", "500"]);
-    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
-    assert_eq!(run.keys, keys, "every key once, in key order");
-    let s = run.stats;
-    eprintln!("--page-size 500: {s:?}");
+    let s = scan_every_key(&etcd, &keys, &["--page-size", "500"]);
     assert!(
         s.range_keys <= 4 * n,
         "etcd walked {} index entries for {n} keys ({s:?})",
