@@ -20,10 +20,15 @@
 //! A call that has started runs to its end. A call whose caller went away
 //! (the request was cancelled) is skipped. The queue is bounded
 //! ([`MAX_QUEUED`]); beyond it calls are refused at once.
+//!
+//! The wait is kept without a timer per call: a thread that takes a call
+//! queued longer than the wait refuses it instead, and a watch thread,
+//! awake only while calls wait behind busy threads, refuses the oldest ones
+//! when their wait is over and no thread has come for them.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -45,19 +50,43 @@ pub enum Offloaded<T> {
     Lost,
 }
 
-/// A queued call's state: taken by a thread, or given up by its caller;
-/// whichever comes first wins.
-const QUEUED: u8 = 0;
-const STARTED: u8 = 1;
-const CANCELLED: u8 = 2;
+/// A queued call and the channel to its caller.
+trait Call: Send {
+    /// Its caller still waits for it.
+    fn wanted(&self) -> bool;
+    /// Makes the call and answers the caller.
+    fn run(self: Box<Self>);
+    /// Answers the caller that the call was not made.
+    fn refuse(self: Box<Self>);
+}
+
+struct Pending<F, T> {
+    call: F,
+    answer: oneshot::Sender<Offloaded<T>>,
+}
+
+impl<F: FnOnce() -> T + Send, T: Send> Call for Pending<F, T> {
+    fn wanted(&self) -> bool {
+        !self.answer.is_closed()
+    }
+
+    fn run(self: Box<Self>) {
+        let Pending { call, answer } = *self;
+        let out = catch_unwind(AssertUnwindSafe(call)).map_or(Offloaded::Lost, Offloaded::Done);
+        let _ = answer.send(out);
+    }
+
+    fn refuse(self: Box<Self>) {
+        let _ = self.answer.send(Offloaded::TimedOut);
+    }
+}
 
 struct Job {
-    state: Arc<AtomicU8>,
     queued: Instant,
     /// Every thread was busy (or already woken for other calls) when it
     /// arrived: it waits in the queue.
     queued_behind: bool,
-    work: Box<dyn FnOnce() + Send>,
+    call: Box<dyn Call>,
 }
 
 #[derive(Default)]
@@ -67,11 +96,16 @@ struct Queue {
     sleeping: usize,
     /// Wake-ups sent and not yet taken by a sleeping thread.
     waking: usize,
+    /// The watch thread keeps an eye on the queue (else it sleeps until a
+    /// call queues behind busy threads).
+    watching: bool,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
+    /// Wakes the watch thread.
+    watch: Condvar,
     wait: Duration,
     /// Calls that waited in the queue (found no free thread), their total
     /// wait, and those refused for waiting too long or a full queue.
@@ -111,25 +145,15 @@ fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Gives a still-queued call up when its caller's future is dropped.
-struct GiveUpOnDrop(Arc<AtomicU8>);
-
-impl Drop for GiveUpOnDrop {
-    fn drop(&mut self) {
-        let _ = self
-            .0
-            .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire);
-    }
-}
-
 impl CallThreads {
-    /// Starts `threads` threads (at least one); a call waits at most `wait`
-    /// in the queue.
+    /// Starts `threads` threads (at least one) and the watch thread; a call
+    /// waits at most `wait` in the queue.
     pub fn start(threads: usize, wait: Duration) -> std::io::Result<CallThreads> {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
+            watch: Condvar::new(),
             wait,
             waits: AtomicU64::new(0),
             wait_nanos: AtomicU64::new(0),
@@ -141,6 +165,10 @@ impl CallThreads {
                 .name(format!("pkcs11-call-{i}"))
                 .spawn(move || shared.serve())?;
         }
+        let watched = shared.clone();
+        std::thread::Builder::new()
+            .name("pkcs11-call-watch".to_owned())
+            .spawn(move || watched.watch())?;
         Ok(CallThreads { shared, threads })
     }
 
@@ -164,49 +192,29 @@ impl CallThreads {
     }
 
     /// Runs `call` on a token thread and waits for it without blocking the
-    /// async worker.
+    /// async worker. Dropping the future before a thread takes the call
+    /// means it is never made.
     pub async fn run<T: Send + 'static>(
         &self,
         call: impl FnOnce() -> T + Send + 'static,
     ) -> Offloaded<T> {
-        let (tx, mut rx) = oneshot::channel();
-        let state = Arc::new(AtomicU8::new(QUEUED));
-        let _give_up = GiveUpOnDrop(state.clone());
-        let work = Box::new(move || {
-            let out = catch_unwind(AssertUnwindSafe(call)).map_or(Offloaded::Lost, Offloaded::Done);
-            let _ = tx.send(out);
-        });
-        if !self.shared.push(state.clone(), work) {
+        let (answer, out) = oneshot::channel();
+        if !self.shared.push(Box::new(Pending { call, answer })) {
             self.shared.timed_out.fetch_add(1, Ordering::Relaxed);
             return Offloaded::TimedOut;
         }
-        match tokio::time::timeout(self.shared.wait, &mut rx).await {
-            Ok(out) => out.unwrap_or(Offloaded::Lost),
-            Err(_) => {
-                if state
-                    .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    // It waited (the whole wait) and is refused.
-                    self.shared.waited(self.shared.wait);
-                    self.shared.timed_out.fetch_add(1, Ordering::Relaxed);
-                    return Offloaded::TimedOut;
-                }
-                // A thread took it: it runs to its end.
-                rx.await.unwrap_or(Offloaded::Lost)
-            }
-        }
+        out.await.unwrap_or(Offloaded::Lost)
     }
 }
 
 impl Shared {
     /// Queues a call; `false` when the queue is full.
-    fn push(&self, state: Arc<AtomicU8>, work: Box<dyn FnOnce() + Send>) -> bool {
+    fn push(&self, call: Box<dyn Call>) -> bool {
         let queued = Instant::now();
-        let wake = {
+        let (wake, watch) = {
             let mut q = lock(&self.queue);
             if q.jobs.len() >= MAX_QUEUED {
-                q.jobs.retain(|j| j.state.load(Ordering::Acquire) == QUEUED);
+                q.jobs.retain(|j| j.call.wanted());
                 if q.jobs.len() >= MAX_QUEUED {
                     return false;
                 }
@@ -218,16 +226,23 @@ impl Shared {
             if wake {
                 q.waking += 1;
             }
+            // A call behind busy threads has its wait watched.
+            let watch = !wake && !q.watching;
+            if watch {
+                q.watching = true;
+            }
             q.jobs.push_back(Job {
-                state,
                 queued,
                 queued_behind: !wake,
-                work,
+                call,
             });
-            wake
+            (wake, watch)
         };
         if wake {
             self.ready.notify_one();
+        }
+        if watch {
+            self.watch.notify_one();
         }
         true
     }
@@ -239,6 +254,13 @@ impl Shared {
             u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// Refuses a call that waited the whole wait.
+    fn refuse(&self, job: Job) {
+        self.waited(self.wait);
+        self.timed_out.fetch_add(1, Ordering::Relaxed);
+        job.call.refuse();
     }
 
     fn serve(&self) {
@@ -255,18 +277,53 @@ impl Shared {
                     q.waking = q.waking.saturating_sub(1);
                 }
             };
-            if job
-                .state
-                .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                // Its caller gave up (timed out or went away).
+            if !job.call.wanted() {
+                // Its caller went away.
+                continue;
+            }
+            let waited = job.queued.elapsed();
+            if waited >= self.wait {
+                self.refuse(job);
                 continue;
             }
             if job.queued_behind {
-                self.waited(job.queued.elapsed());
+                self.waited(waited);
             }
-            (job.work)();
+            job.call.run();
+        }
+    }
+
+    /// The watch thread: refuses the calls that waited the whole wait with
+    /// no thread free to take them (every one stuck in a slow token).
+    fn watch(&self) {
+        let mut q = lock(&self.queue);
+        loop {
+            if !q.watching {
+                q = self.watch.wait(q).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let Some(oldest) = q.jobs.front().map(|j| j.queued) else {
+                // Nothing waits: sleep until a call queues behind busy
+                // threads again.
+                q.watching = false;
+                continue;
+            };
+            let waited = oldest.elapsed();
+            if waited >= self.wait {
+                if let Some(job) = q.jobs.pop_front() {
+                    drop(q);
+                    if job.call.wanted() {
+                        self.refuse(job);
+                    }
+                    q = lock(&self.queue);
+                }
+                continue;
+            }
+            q = self
+                .watch
+                .wait_timeout(q, self.wait - waited)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }
@@ -318,16 +375,50 @@ mod tests {
     #[tokio::test]
     async fn with_every_thread_stuck_a_queued_call_times_out_and_is_never_made() {
         let calls = Arc::new(CallThreads::start(1, Duration::from_millis(100)).unwrap());
+        // Twice: the watch thread goes back to sleep after the first stall
+        // and must wake for the second.
+        for stall in 1..=2u64 {
+            let (release, holder) = hold(&calls).await;
+            let made = Arc::new(AtomicBool::new(false));
+            let flag = made.clone();
+            let out = tokio::time::timeout(
+                Duration::from_secs(10),
+                calls.run(move || flag.store(true, Ordering::SeqCst)),
+            )
+            .await;
+            assert_eq!(out, Ok(Offloaded::TimedOut), "stall {stall}");
+            assert_eq!(calls.stats().timed_out, stall);
+            release.send(()).unwrap();
+            assert_eq!(holder.await.unwrap(), Offloaded::Done(true));
+            assert_eq!(calls.run(|| 7).await, Offloaded::Done(7));
+            assert!(
+                !made.load(Ordering::SeqCst),
+                "a refused call ran (stall {stall})"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_queued_behind_a_busy_thread_runs_when_it_frees_within_the_wait() {
+        let calls = Arc::new(CallThreads::start(1, Duration::from_secs(5)).unwrap());
         let (release, holder) = hold(&calls).await;
-        let made = Arc::new(AtomicBool::new(false));
-        let flag = made.clone();
-        let out = calls.run(move || flag.store(true, Ordering::SeqCst)).await;
-        assert_eq!(out, Offloaded::TimedOut);
-        assert_eq!(calls.stats().timed_out, 1);
+        // (The holder itself may have found the thread not yet asleep.)
+        let before = calls.stats();
+        let queued = {
+            let calls = calls.clone();
+            tokio::spawn(async move { calls.run(|| 11).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
         release.send(()).unwrap();
         assert_eq!(holder.await.unwrap(), Offloaded::Done(true));
-        assert_eq!(calls.run(|| 7).await, Offloaded::Done(7));
-        assert!(!made.load(Ordering::SeqCst), "a refused call ran");
+        assert_eq!(queued.await.unwrap(), Offloaded::Done(11));
+        let stats = calls.stats();
+        assert_eq!(stats.timed_out, 0);
+        assert_eq!(stats.waits, before.waits + 1, "{before:?} {stats:?}");
+        assert!(
+            stats.waited >= before.waited + Duration::from_millis(40),
+            "{before:?} {stats:?}"
+        );
     }
 
     #[tokio::test]
