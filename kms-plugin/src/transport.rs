@@ -228,7 +228,7 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match this.shim.poll_read(&this.stream, cx, buf) {
+        match this.shim.poll_read(&mut this.stream, cx, buf) {
             Poll::Pending => {
                 if self.idle_expired(cx) {
                     tracing::debug!("closing a connection idle for the idle timeout");

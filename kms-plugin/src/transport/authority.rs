@@ -62,6 +62,7 @@
 //! left to h2, which sees the frames unchanged.
 
 use std::io;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
@@ -203,7 +204,7 @@ impl Shim {
     /// a refusal (which is logged and returned once as an error).
     pub fn poll_read(
         &mut self,
-        stream: &UnixStream,
+        stream: &mut UnixStream,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
@@ -232,14 +233,17 @@ impl Shim {
                 // as h2 would drop it.
                 return Poll::Ready(Ok(()));
             }
-            ready!(stream.poll_read_ready(cx))?;
             self.input.reserve(READ_CHUNK);
-            match stream.try_read_buf(&mut self.input) {
-                Ok(0) => self.eof = true,
-                Ok(_) => {}
-                // Spurious readiness: poll_read_ready registers again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            // tokio's own read: a read that does not fill the buffer marks
+            // the socket drained, so the next poll waits for epoll instead
+            // of paying a `recvfrom` that only says EAGAIN.
+            if ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *stream),
+                cx,
+                &mut self.input
+            ))? == 0
+            {
+                self.eof = true;
             }
         }
     }
