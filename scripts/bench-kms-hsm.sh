@@ -10,6 +10,10 @@
 # The token runs twice: with the default session bound (one per CPU for a
 # software slot) and with 16 (a hardware slot's default); SESSIONS="4 8"
 # picks other counts ("default" for no flag).
+# PLUGIN_CPUS / LOADGEN_CPUS (taskset lists, e.g. PLUGIN_CPUS=0-1
+# LOADGEN_CPUS=2-3) keep the plugin and the load generator on CPUs of their
+# own, so the plugin's CPU per call is not inflated by sharing cores with its
+# load; both or neither.
 # Results depend on the machine and on whatever else runs on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +30,28 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+# Optional CPU pinning: every plugin (including the one kms-loadgen starts
+# for the local-KEK run, through a wrapper that execs it under the same pid)
+# runs on PLUGIN_CPUS, every kms-loadgen on LOADGEN_CPUS.
+plugin_pin=()
+loadgen_pin=()
+local_plugin="$bin/kms-plugin"
+if [ -n "${PLUGIN_CPUS:-}${LOADGEN_CPUS:-}" ]; then
+  [ -n "${PLUGIN_CPUS:-}" ] && [ -n "${LOADGEN_CPUS:-}" ] || {
+    echo "bench-kms-hsm: set both PLUGIN_CPUS and LOADGEN_CPUS, or neither" >&2; exit 2; }
+  command -v taskset >/dev/null || { echo "bench-kms-hsm: taskset (util-linux) missing" >&2; exit 1; }
+  for cpus in "$PLUGIN_CPUS" "$LOADGEN_CPUS"; do
+    taskset -c "$cpus" true || { echo "bench-kms-hsm: not a usable CPU list: $cpus" >&2; exit 2; }
+  done
+  plugin_pin=(taskset -c "$PLUGIN_CPUS")
+  loadgen_pin=(taskset -c "$LOADGEN_CPUS")
+  local_plugin="$work/kms-plugin-pinned"
+  printf '#!/bin/sh\nexec taskset -c %q %q "$@"\n' "$PLUGIN_CPUS" "$bin/kms-plugin" > "$local_plugin"
+  chmod +x "$local_plugin"
+  echo "CPU pinning: plugin on CPUs $PLUGIN_CPUS, load generator on CPUs $LOADGEN_CPUS"
+  echo
+fi
 mkdir "$work/tokens"
 printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$work/softhsm2.conf"
 pin="bench-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
@@ -43,12 +69,13 @@ kek="$(SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" keyring add --keyri
 for sessions in ${SESSIONS:-default 16}; do
   flags=()
   if [ "$sessions" = default ]; then
-    echo "## KEK in SoftHSM2 (PKCS#11, default session bound: one per CPU for a software slot = $(nproc))"
+    # The plugin counts the CPUs it may run on (its affinity), as nproc does.
+    echo "## KEK in SoftHSM2 (PKCS#11, default session bound: one per CPU for a software slot = $("${plugin_pin[@]}" nproc))"
   else
     echo "## KEK in SoftHSM2 (PKCS#11, --pkcs11-max-sessions $sessions)"
     flags=(--pkcs11-max-sessions "$sessions")
   fi
-  SOFTHSM2_CONF="$work/softhsm2.conf" "$bin/kms-plugin" serve --listen "unix://$work/kms.sock" \
+  SOFTHSM2_CONF="$work/softhsm2.conf" "${plugin_pin[@]}" "$bin/kms-plugin" serve --listen "unix://$work/kms.sock" \
     --keyring "$work/keyring.json" --pkcs11-module "$module" --pkcs11-pin-file "$work/pin" \
     --metrics-addr 127.0.0.1:0 "${flags[@]}" 2>"$work/plugin.log" &
   plugin_pid=$!
@@ -62,7 +89,7 @@ for sessions in ${SESSIONS:-default 16}; do
   # module's and ours.
   metrics="$(sed -n 's/.*metrics listening addr=\([0-9.:]*\).*/\1/p' "$work/plugin.log" | head -n1)"
   [ -n "$metrics" ] || { echo "bench-kms-hsm: the plugin logged no metrics address" >&2; cat "$work/plugin.log" >&2; exit 1; }
-  "$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
+  "${loadgen_pin[@]}" "$bin/kms-loadgen" --listen "unix://$work/kms.sock" --plugin-pid "$plugin_pid" \
     --plugin-metrics "$metrics" --methods encrypt,decrypt "$@"
   kill "$plugin_pid"; wait "$plugin_pid" 2>/dev/null || true; plugin_pid=""
   # The plugin's own account over the whole run (sealing and warm-ups too).
@@ -73,4 +100,4 @@ for sessions in ${SESSIONS:-default 16}; do
 done
 
 echo "## Local KEK (same machine, same run)"
-"$bin/kms-loadgen" --plugin-bin "$bin/kms-plugin" --methods encrypt,decrypt "$@"
+"${loadgen_pin[@]}" "$bin/kms-loadgen" --plugin-bin "$local_plugin" --methods encrypt,decrypt "$@"
