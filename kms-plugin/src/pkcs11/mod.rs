@@ -309,6 +309,9 @@ pub struct Token {
     calls: AtomicU64,
     inside_nanos: AtomicU64,
     inside_wall_nanos: AtomicU64,
+    /// The calls whose CPU time was measured, and that time (unscaled).
+    cpu_sampled_calls: AtomicU64,
+    cpu_sampled_nanos: AtomicU64,
     /// Calls that found every session busy and waited, and how long.
     waits: AtomicU64,
     wait_nanos: AtomicU64,
@@ -329,6 +332,11 @@ pub struct TokenStats {
     pub inside: Duration,
     /// Total wall time inside those module calls.
     pub inside_wall: Duration,
+    /// The calls whose CPU time was measured (one in
+    /// [`CPU_SAMPLE_EVERY`]).
+    pub cpu_sampled_calls: u64,
+    /// Their CPU time inside the module (not scaled).
+    pub cpu_sampled: Duration,
     /// Sessions open for crypto calls now.
     pub open_sessions: usize,
     /// Of those, sessions in use by a call now.
@@ -354,6 +362,8 @@ impl TokenStats {
             calls: self.calls + o.calls,
             inside: self.inside + o.inside,
             inside_wall: self.inside_wall + o.inside_wall,
+            cpu_sampled_calls: self.cpu_sampled_calls + o.cpu_sampled_calls,
+            cpu_sampled: self.cpu_sampled + o.cpu_sampled,
             open_sessions: self.open_sessions + o.open_sessions,
             busy_sessions: self.busy_sessions + o.busy_sessions,
             peak_sessions: self.peak_sessions + o.peak_sessions,
@@ -362,6 +372,25 @@ impl TokenStats {
             waited: self.waited + o.waited,
             exhausted: self.exhausted + o.exhausted,
         }
+    }
+
+    /// The module's CPU time per call: the mean over the measured calls
+    /// (`inside / calls` is the scaled total over all calls, which is off
+    /// by up to [`CPU_SAMPLE_EVERY`] - 1 calls' worth while few calls
+    /// were made). `None` before any call was measured.
+    pub fn module_cpu_per_call(&self) -> Option<Duration> {
+        u32::try_from(self.cpu_sampled_calls)
+            .ok()
+            .filter(|&n| n > 0)
+            .map(|n| self.cpu_sampled / n)
+    }
+
+    /// The module's wall time per call; `None` before any call.
+    pub fn module_wall_per_call(&self) -> Option<Duration> {
+        u32::try_from(self.calls)
+            .ok()
+            .filter(|&n| n > 0)
+            .map(|n| self.inside_wall / n)
     }
 }
 
@@ -422,6 +451,8 @@ impl Token {
             calls: AtomicU64::new(0),
             inside_nanos: AtomicU64::new(0),
             inside_wall_nanos: AtomicU64::new(0),
+            cpu_sampled_calls: AtomicU64::new(0),
+            cpu_sampled_nanos: AtomicU64::new(0),
             waits: AtomicU64::new(0),
             wait_nanos: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
@@ -505,6 +536,8 @@ impl Token {
             calls: self.calls.load(Ordering::Relaxed),
             inside: nanos(&self.inside_nanos),
             inside_wall: nanos(&self.inside_wall_nanos),
+            cpu_sampled_calls: self.cpu_sampled_calls.load(Ordering::Relaxed),
+            cpu_sampled: nanos(&self.cpu_sampled_nanos),
             open_sessions: open,
             busy_sessions: open.saturating_sub(idle),
             peak_sessions: peak,
@@ -536,6 +569,8 @@ impl Token {
             let spent = thread_cpu().saturating_sub(cpu);
             self.inside_nanos
                 .fetch_add(spent.saturating_mul(CPU_SAMPLE_EVERY), Ordering::Relaxed);
+            self.cpu_sampled_nanos.fetch_add(spent, Ordering::Relaxed);
+            self.cpu_sampled_calls.fetch_add(1, Ordering::Relaxed);
         }
         self.inside_wall_nanos.fetch_add(wall, Ordering::Relaxed);
         out
@@ -905,6 +940,33 @@ fn call_error(token: &str, e: CkError) -> HsmError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_module_cpu_per_call_is_the_mean_of_the_measured_calls() {
+        let none = TokenStats::default();
+        assert_eq!(none.module_cpu_per_call(), None);
+        assert_eq!(none.module_wall_per_call(), None);
+        // Five calls, the first measured at 40 µs: the scaled total says
+        // 640 µs (128 µs a call, more than the wall time); the mean of the
+        // measured calls says 40.
+        let few = TokenStats {
+            calls: 5,
+            inside: Duration::from_micros(40 * CPU_SAMPLE_EVERY),
+            inside_wall: Duration::from_micros(300),
+            cpu_sampled_calls: 1,
+            cpu_sampled: Duration::from_micros(40),
+            ..TokenStats::default()
+        };
+        assert_eq!(few.module_cpu_per_call(), Some(Duration::from_micros(40)));
+        assert_eq!(few.module_wall_per_call(), Some(Duration::from_micros(60)));
+        let both = few.plus(TokenStats {
+            calls: 16,
+            cpu_sampled_calls: 1,
+            cpu_sampled: Duration::from_micros(20),
+            ..TokenStats::default()
+        });
+        assert_eq!(both.module_cpu_per_call(), Some(Duration::from_micros(30)));
+    }
 
     #[test]
     fn the_pin_is_read_from_its_file_and_never_shown() {

@@ -311,16 +311,9 @@ impl Hsm {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         for ((label, _), token) in tokens.iter() {
             let s = token.stats();
-            let per_call_us = if s.calls == 0 {
-                0.0
-            } else {
-                s.inside.as_secs_f64() * 1e6 / s.calls as f64
-            };
-            let wall_us = if s.calls == 0 {
-                0.0
-            } else {
-                s.inside_wall.as_secs_f64() * 1e6 / s.calls as f64
-            };
+            let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
+            let per_call_us = us(s.module_cpu_per_call());
+            let wall_us = us(s.module_wall_per_call());
             tracing::info!(
                 token = %label,
                 calls = s.calls,
