@@ -24,12 +24,15 @@ fn fail(message: impl std::fmt::Display, code: Exit) -> ExitCode {
     code.into()
 }
 
-fn logging(format: LogFormat) -> LogSettings {
+/// `serve` logs at INFO by default; `probe`, which kubelet may run every
+/// few seconds and whose output it keeps, only warnings and errors (its
+/// verdict is on stdout, its reason for failing on stderr).
+fn logging(format: LogFormat, default_filter: &'static str) -> LogSettings {
     LogSettings {
         name: "kms-plugin",
         version: env!("CARGO_PKG_VERSION"),
         format,
-        default_filter: "info",
+        default_filter,
     }
 }
 
@@ -49,7 +52,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e, EXIT_USAGE),
             };
-            init_logging(logging(format));
+            init_logging(logging(format, "info"));
             if let Some(config) = pkcs11
                 && let Err(e) = crate::pkcs11::setup::start(config, &keyring_path)
             {
@@ -76,7 +79,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(e) => e,
                 Err(e) => return fail(e, EXIT_USAGE),
             };
-            init_logging(logging(LogFormat::Plain));
+            init_logging(logging(LogFormat::Plain, "warn"));
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -11,6 +11,9 @@ async fn probe_exits_0_against_a_healthy_file_socket_server() -> Result<()> {
     let plugin = PluginProcess::start(PluginOptions::new()).await?;
     let out = cli(["probe", "--listen", &plugin.endpoint().listen_arg()]).await?;
     assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("healthy"), "{out:?}");
+    // A liveness probe's output is kept by kubelet: the verdict, no log lines.
+    assert_eq!(out.stderr, "", "a healthy probe wrote to stderr: {out:?}");
     // The unix:// URL form names the same socket.
     let url = format!("unix://{}", plugin.endpoint().path().unwrap().display());
     let out = cli(["probe", "--listen", &url]).await?;

@@ -67,6 +67,8 @@ where
     let output = tokio::process::Command::new(bin_path("kms-plugin"))
         .args(&args)
         .env("NO_COLOR", "1")
+        // The caller's ATREST_LOG would change what stderr holds.
+        .env_remove("ATREST_LOG")
         .envs(envs.iter().copied())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
