@@ -526,7 +526,6 @@ mod tests {
                 inside: Duration::from_millis(3),
                 inside_wall: Duration::from_millis(4),
                 cpu_sampled_calls: 1,
-                cpu_sampled: Duration::from_micros(190),
                 open_sessions: 2,
                 busy_sessions: 1,
                 peak_sessions: 3,

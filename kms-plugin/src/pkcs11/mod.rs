@@ -309,9 +309,9 @@ pub struct Token {
     calls: AtomicU64,
     inside_nanos: AtomicU64,
     inside_wall_nanos: AtomicU64,
-    /// The calls whose CPU time was measured, and that time (unscaled).
+    /// The calls whose CPU time was measured (their time, scaled, is in
+    /// `inside_nanos`).
     cpu_sampled_calls: AtomicU64,
-    cpu_sampled_nanos: AtomicU64,
     /// Calls that found every session busy and waited, and how long.
     waits: AtomicU64,
     wait_nanos: AtomicU64,
@@ -333,10 +333,8 @@ pub struct TokenStats {
     /// Total wall time inside those module calls.
     pub inside_wall: Duration,
     /// The calls whose CPU time was measured (one in
-    /// [`CPU_SAMPLE_EVERY`]).
+    /// [`CPU_SAMPLE_EVERY`]; `inside` is their time, scaled).
     pub cpu_sampled_calls: u64,
-    /// Their CPU time inside the module (not scaled).
-    pub cpu_sampled: Duration,
     /// Sessions open for crypto calls now.
     pub open_sessions: usize,
     /// Of those, sessions in use by a call now.
@@ -363,7 +361,6 @@ impl TokenStats {
             inside: self.inside + o.inside,
             inside_wall: self.inside_wall + o.inside_wall,
             cpu_sampled_calls: self.cpu_sampled_calls + o.cpu_sampled_calls,
-            cpu_sampled: self.cpu_sampled + o.cpu_sampled,
             open_sessions: self.open_sessions + o.open_sessions,
             busy_sessions: self.busy_sessions + o.busy_sessions,
             peak_sessions: self.peak_sessions + o.peak_sessions,
@@ -375,14 +372,15 @@ impl TokenStats {
     }
 
     /// The module's CPU time per call: the mean over the measured calls
-    /// (`inside / calls` is the scaled total over all calls, which is off
-    /// by up to [`CPU_SAMPLE_EVERY`] - 1 calls' worth while few calls
-    /// were made). `None` before any call was measured.
+    /// (`inside` unscaled, over `cpu_sampled_calls`). `inside / calls` would
+    /// be off by up to [`CPU_SAMPLE_EVERY`] - 1 calls' worth while few calls
+    /// were made. `None` before any call was measured.
     pub fn module_cpu_per_call(&self) -> Option<Duration> {
+        let scale = u32::try_from(CPU_SAMPLE_EVERY).ok()?;
         u32::try_from(self.cpu_sampled_calls)
             .ok()
             .filter(|&n| n > 0)
-            .map(|n| self.cpu_sampled / n)
+            .map(|n| self.inside / scale / n)
     }
 
     /// The module's wall time per call; `None` before any call.
@@ -452,7 +450,6 @@ impl Token {
             inside_nanos: AtomicU64::new(0),
             inside_wall_nanos: AtomicU64::new(0),
             cpu_sampled_calls: AtomicU64::new(0),
-            cpu_sampled_nanos: AtomicU64::new(0),
             waits: AtomicU64::new(0),
             wait_nanos: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
@@ -537,7 +534,6 @@ impl Token {
             inside: nanos(&self.inside_nanos),
             inside_wall: nanos(&self.inside_wall_nanos),
             cpu_sampled_calls: self.cpu_sampled_calls.load(Ordering::Relaxed),
-            cpu_sampled: nanos(&self.cpu_sampled_nanos),
             open_sessions: open,
             busy_sessions: open.saturating_sub(idle),
             peak_sessions: peak,
@@ -569,7 +565,6 @@ impl Token {
             let spent = thread_cpu().saturating_sub(cpu);
             self.inside_nanos
                 .fetch_add(spent.saturating_mul(CPU_SAMPLE_EVERY), Ordering::Relaxed);
-            self.cpu_sampled_nanos.fetch_add(spent, Ordering::Relaxed);
             self.cpu_sampled_calls.fetch_add(1, Ordering::Relaxed);
         }
         self.inside_wall_nanos.fetch_add(wall, Ordering::Relaxed);
@@ -954,15 +949,14 @@ mod tests {
             inside: Duration::from_micros(40 * CPU_SAMPLE_EVERY),
             inside_wall: Duration::from_micros(300),
             cpu_sampled_calls: 1,
-            cpu_sampled: Duration::from_micros(40),
             ..TokenStats::default()
         };
         assert_eq!(few.module_cpu_per_call(), Some(Duration::from_micros(40)));
         assert_eq!(few.module_wall_per_call(), Some(Duration::from_micros(60)));
         let both = few.plus(TokenStats {
             calls: 16,
+            inside: Duration::from_micros(20 * CPU_SAMPLE_EVERY),
             cpu_sampled_calls: 1,
-            cpu_sampled: Duration::from_micros(20),
             ..TokenStats::default()
         });
         assert_eq!(both.module_cpu_per_call(), Some(Duration::from_micros(30)));
